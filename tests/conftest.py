@@ -10,6 +10,22 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import tasks  # noqa: E402,F401  (the project's Prefect environment defaults, before Prefect loads)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server + database for the whole test session (start-up ~18 s, paid once).
+
+    Yields the server's API URL; pass it as ``PREFECT_API_URL`` to subprocesses (``dvc repro``,
+    ``python -m flows.x``) so they reuse this server instead of starting their own.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield PREFECT_API_URL.value()
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
