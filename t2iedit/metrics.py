@@ -1,0 +1,320 @@
+"""Editing metrics (METHOD.md §8): CLIP zero-shot binary test, CAKE adaptive thresholds, summaries.
+
+Two image tests, both on L2-normalised CLIP features (see :mod:`t2iedit.clip_eval`):
+
+- Binary test (TIME / ReFACT / EMCID): ``softmax(100 · [cos(img, original), cos(img, edited)])`` over
+  the two lower-cased class texts. Efficacy, generality (and CAKE's KgeMap / Compo) succeed iff the
+  edited class wins; specificity succeeds iff the original class wins.
+- Adaptive threshold (CAKE, Gu et al. 2024): success iff ``cos(img, eval_text) >= mean − kσ`` of the
+  unedited model's scores over N seeds (k = 2 by default; σ with ddof=1).
+
+A metric is the success rate in percent per (category, seed); it is reported as mean ± std over seeds
+(sample std, ddof=1; 0 for one seed). Score = geometric mean of the category means (this reproduces
+the paper's Score column, e.g. TIMED 73.85 / 69.15 / 71.88 → 71.60); its ± is the std over seeds of
+the per-seed geometric means.
+
+Fast text-space metrics need no images: with [EOS] features of the text encoder (un-projected, as in
+the target-value loss) the same binary question is asked in feature space — is the edited encoder's
+feature of a prompt closer (L2) to the frozen feature of the edited class text than to that of the
+original class text?
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Order and display names of the paper's Tables 2 and 3.
+CATEGORY_ORDER = ("efficacy", "generality", "kgemap", "compo", "specificity")
+DISPLAY = {"efficacy": "Efficacy", "generality": "Generality", "kgemap": "KgeMap",
+           "compo": "Compo", "specificity": "Specificity", "score": "Score"}
+# Which class must win the binary test, per category.
+EDITED_MUST_WIN = {"efficacy": True, "generality": True, "kgemap": True, "compo": True,
+                   "specificity": False}
+TESTS = ("binary", "threshold")
+SIGMA_KEYS = ("1sigma", "2sigma", "3sigma")
+
+PER_IMAGE_SCHEMA = pa.schema([
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("edit_id", pa.string(), nullable=False),
+    pa.field("category", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("p_edited", pa.float64()),          # binary test: probability of the edited class
+    pa.field("binary_success", pa.bool_()),
+    pa.field("eval_score", pa.float64()),        # cos(image, eval text)
+    pa.field("threshold", pa.float64()),
+    pa.field("threshold_success", pa.bool_()),
+])
+
+
+def _check_categories(categories: Iterable[str]) -> list[str]:
+    cats = list(categories)
+    unknown = sorted(set(cats) - set(EDITED_MUST_WIN))
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; expected {list(CATEGORY_ORDER)}")
+    return cats
+
+
+# --- binary test -------------------------------------------------------------------------------
+
+def binary_probability(image_feats: torch.Tensor, original_feats: torch.Tensor,
+                       edited_feats: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
+    """p(edited class) = softmax(scale · [cos(img, original), cos(img, edited)])[1], row-wise.
+
+    All inputs (n, d), L2-normalised; returns (n,).
+    """
+    if not (image_feats.shape == original_feats.shape == edited_feats.shape):
+        raise ValueError(f"shape mismatch: {image_feats.shape}, {original_feats.shape}, "
+                         f"{edited_feats.shape}")
+    logits = scale * torch.stack([(image_feats * original_feats).sum(-1),
+                                  (image_feats * edited_feats).sum(-1)], dim=-1)  # (n, 2)
+    return logits.double().softmax(-1)[:, 1]
+
+
+def binary_success(p_edited: Sequence[float], categories: Sequence[str]) -> np.ndarray:
+    """Success per image: the edited class wins (p > 0.5) for edit categories, the original class
+    wins (p < 0.5) for specificity. A tie is a failure either way."""
+    p = np.asarray(p_edited, dtype=np.float64)
+    cats = _check_categories(categories)
+    if len(cats) != len(p):
+        raise ValueError("p_edited and categories differ in length")
+    want_edit = np.array([EDITED_MUST_WIN[c] for c in cats], dtype=bool)
+    return np.where(want_edit, p > 0.5, p < 0.5)
+
+
+# --- adaptive thresholds (CAKE) ------------------------------------------------------------------
+
+def threshold_success(scores: Sequence[float], thresholds: Sequence[float]) -> np.ndarray:
+    """CAKE's adaptive test: success iff ``score >= threshold``. NaN thresholds are an error."""
+    s = np.asarray(scores, dtype=np.float64)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if np.isnan(t).any():
+        raise ValueError(f"{int(np.isnan(t).sum())} images have no threshold")
+    return s >= t
+
+
+def threshold_stats(scores: Sequence[float]) -> dict[str, float]:
+    """CAKE's statistics of one prompt's scores over seeds: mean, ``k sigma`` = mean − k·std and
+    ``+k sigma`` = mean + k·std for k = 1, 2, 3 (std with ddof=1, as in the shipped files)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.size < 2:
+        raise ValueError(f"need at least 2 scores for a standard deviation, got {s.size}")
+    mean, std = float(s.mean()), float(s.std(ddof=1))
+    out = {"mean": mean}
+    for k in (1, 2, 3):
+        out[f"{k}sigma"] = mean - k * std
+        out[f"+{k}sigma"] = mean + k * std
+    return out
+
+
+def compute_thresholds(scores: pd.DataFrame, tag_column: str = "tag",
+                       prompt_column: str = "prompt",
+                       score_column: str = "score") -> dict[str, dict[str, dict[str, float]]]:
+    """Recompute adaptive thresholds for another model: ``scores`` holds one row per (tag, prompt,
+    seed) with the unedited model's ``cos(image, eval text)``. Returns the shipped file's layout
+    ``{tag: {prompt: {mean, 1sigma, ...}}}``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (tag, prompt), group in scores.groupby([tag_column, prompt_column], sort=True):
+        out.setdefault(str(tag), {})[str(prompt)] = threshold_stats(group[score_column].to_numpy())
+    return out
+
+
+def lookup_threshold(thresholds: Mapping[str, Mapping[str, Mapping[str, float]]], tag: str,
+                     prompt: str, key: str = "2sigma") -> float:
+    """Threshold of (tag, prompt); CAKE's TIMED/RoAD files key them lower-cased, so fall back to
+    the lower-cased tag and prompt. Missing entries raise with the tag named."""
+    for t in (tag, tag.lower()):
+        if t in thresholds:
+            entry = thresholds[t]
+            for p in (prompt, prompt.lower()):
+                if p in entry:
+                    return float(entry[p][key])
+            raise KeyError(f"no threshold for prompt {prompt!r} under tag {t!r}")
+    raise KeyError(f"no thresholds for tag {tag!r}")
+
+
+# --- aggregation -----------------------------------------------------------------------------
+
+def geometric_mean(values: Iterable[float]) -> float:
+    """Geometric mean of non-negative values; 0 if any value is 0 (no log(0) warnings)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("geometric mean of nothing")
+    if np.isnan(v).any() or (v < 0).any():
+        raise ValueError(f"geometric mean needs non-negative numbers, got {v.tolist()}")
+    if (v == 0).any():
+        return 0.0
+    return float(np.exp(np.log(v).mean()))
+
+
+def _std(v: np.ndarray) -> float:
+    return float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def summarize(rows: pd.DataFrame, success_column: str) -> dict:
+    """Per category: success rate (%) per seed, mean ± std over seeds; plus the Score.
+
+    ``rows``: per-image rows with ``category``, ``seed`` and a boolean ``success_column`` (rows where
+    it is null are left out — e.g. images without a threshold under the binary-only datasets).
+    Returns ``{"categories": {cat: {mean, std, per_seed, n_images}}, "score": {mean, std, per_seed}}``.
+    """
+    rows = rows[rows[success_column].notna()]
+    if rows.empty:
+        raise ValueError(f"no rows with a value in {success_column!r}")
+    cats = [c for c in CATEGORY_ORDER if c in set(_check_categories(rows["category"].unique()))]
+    seeds = sorted(int(s) for s in rows["seed"].unique())
+    table = (rows.assign(success=rows[success_column].astype(bool).astype(float) * 100.0)
+             .pivot_table(index="seed", columns="category", values="success", aggfunc="mean"))
+    missing = table[cats].isna()
+    if missing.to_numpy().any():
+        raise ValueError(f"some (seed, category) cells have no images: "
+                         f"{missing.stack()[missing.stack()].index.tolist()}")
+    out: dict = {"categories": {}, "seeds": seeds}
+    for c in cats:
+        v = table[c].to_numpy(dtype=np.float64)
+        out["categories"][c] = {
+            "mean": float(v.mean()), "std": _std(v),
+            "per_seed": {str(s): float(x) for s, x in zip(table.index, v)},
+            "n_images": int((rows["category"] == c).sum()),
+        }
+    per_seed_score = np.array([geometric_mean(table.loc[s, cats]) for s in table.index])
+    out["score"] = {
+        "mean": geometric_mean(out["categories"][c]["mean"] for c in cats),
+        "std": _std(per_seed_score),
+        "per_seed": {str(s): float(x) for s, x in zip(table.index, per_seed_score)},
+    }
+    return out
+
+
+def markdown_table(results: Mapping[str, Mapping], title: str | None = None,
+                   digits: int = 2) -> str:
+    """Rows = methods, columns = categories present (paper order) + Score, cells ``mean ± std``;
+    the best mean of each column is bold (layout of the paper's Tables 2 and 3).
+
+    ``results``: ``{method: summarize(...)}``.
+    """
+    if not results:
+        raise ValueError("no results to tabulate")
+    present = set().union(*(r["categories"] for r in results.values()))
+    cols = [c for c in CATEGORY_ORDER if c in present] + ["score"]
+
+    def cell(r: Mapping, c: str) -> tuple[float | None, str]:
+        entry = r["score"] if c == "score" else r["categories"].get(c)
+        if entry is None:
+            return None, "–"
+        return entry["mean"], f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
+
+    best = {c: max((m for m in (cell(r, c)[0] for r in results.values()) if m is not None),
+                   default=None) for c in cols}
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| Method | " + " | ".join(DISPLAY[c] for c in cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for method, r in results.items():
+        cells = []
+        for c in cols:
+            mean, text = cell(r, c)
+            bold = len(results) > 1 and mean is not None and math.isclose(mean, best[c])
+            cells.append(f"**{text}**" if bold else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- scoring images ------------------------------------------------------------------------------
+
+def score_images(encoder, rows: pd.DataFrame, images: Sequence, batch_size: int = 32) -> pd.DataFrame:
+    """Run both image tests on ``images`` (PIL, one per row of ``rows``).
+
+    ``rows`` columns: ``category``, ``original_class``, ``edited_class`` (binary test; null → no
+    binary result), and optionally ``eval_text`` + ``threshold`` (adaptive test; null → none).
+    Returns ``rows`` with ``p_edited``, ``binary_success``, ``eval_score``, ``threshold_success``.
+    Class texts are lower-cased (protocol); the eval text is used as given, like CAKE.
+    """
+    if len(images) != len(rows):
+        raise ValueError(f"{len(images)} images for {len(rows)} rows")
+    rows = rows.reset_index(drop=True).copy()
+    img = encoder.encode_images(list(images), batch_size=batch_size)  # (n, d)
+
+    def text_feats(texts: pd.Series) -> torch.Tensor:
+        uniq = sorted(set(texts))
+        feats = encoder.encode_texts(uniq)
+        pos = {t: i for i, t in enumerate(uniq)}
+        return feats[[pos[t] for t in texts]]
+
+    rows["p_edited"] = pd.Series([None] * len(rows), dtype="Float64")
+    rows["binary_success"] = pd.Series([None] * len(rows), dtype="boolean")
+    has_classes = (rows["original_class"].notna() & rows["edited_class"].notna()).to_numpy()
+    if has_classes.any():
+        sub = rows[has_classes]
+        p = binary_probability(img[has_classes],
+                               text_feats(sub["original_class"].str.lower()),
+                               text_feats(sub["edited_class"].str.lower())).numpy()
+        rows.loc[has_classes, "p_edited"] = p
+        rows.loc[has_classes, "binary_success"] = binary_success(p, sub["category"].tolist())
+
+    rows["eval_score"] = pd.Series([None] * len(rows), dtype="Float64")
+    rows["threshold_success"] = pd.Series([None] * len(rows), dtype="boolean")
+    if "eval_text" in rows and "threshold" in rows:
+        has_thr = (rows["eval_text"].notna() & rows["threshold"].notna()).to_numpy()
+        if has_thr.any():
+            sub = rows[has_thr]
+            cos = (img[has_thr] * text_feats(sub["eval_text"])).sum(-1).double().numpy()
+            rows.loc[has_thr, "eval_score"] = cos
+            rows.loc[has_thr, "threshold_success"] = threshold_success(
+                cos, sub["threshold"].astype(float).to_numpy())
+    return rows
+
+
+# --- text-space metrics ----------------------------------------------------------------------
+
+@torch.no_grad()
+def eos_features(tokenizer, text_encoder, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """[EOS] features (final layer norm, un-projected: the HF pooler output), (n, hidden), float32."""
+    device = next(text_encoder.parameters()).device
+    feats = []
+    for i in range(0, len(texts), batch_size):
+        tok = tokenizer(list(texts[i:i + batch_size]), padding="max_length",
+                        max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        out = text_encoder(input_ids=tok.input_ids.to(device))
+        feats.append(out.pooler_output.float().cpu())
+    return torch.cat(feats)
+
+
+def text_space_success(after: torch.Tensor, original_class: torch.Tensor,
+                       edited_class: torch.Tensor, categories: Sequence[str]) -> np.ndarray:
+    """Binary test in text-feature space. ``after``: the edited encoder's feature of each prompt;
+    ``original_class`` / ``edited_class``: the frozen encoder's features of the two class texts; all
+    (n, d). Edit categories succeed iff ``after`` is nearer the edited class; specificity iff nearer
+    the original class."""
+    d_orig = (after - original_class).norm(dim=-1)
+    d_edit = (after - edited_class).norm(dim=-1)
+    want_edit = np.array([EDITED_MUST_WIN[c] for c in _check_categories(categories)], dtype=bool)
+    closer_edit = (d_edit < d_orig).numpy()
+    closer_orig = (d_orig < d_edit).numpy()
+    return np.where(want_edit, closer_edit, closer_orig)
+
+
+def feature_drift(before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
+    """Relative movement ‖after − before‖ / ‖before‖ of each prompt's feature, (n,)."""
+    return ((after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(1e-12)).numpy()
+
+
+def summarize_text_space(rows: pd.DataFrame) -> dict:
+    """Per category success rate (%) of ``text_success`` and mean drift; one deterministic value
+    each (no seeds)."""
+    out = {}
+    for c in [c for c in CATEGORY_ORDER if c in set(rows["category"])]:
+        sub = rows[rows["category"] == c]
+        out[c] = {"success": float(sub["text_success"].astype(float).mean() * 100.0),
+                  "drift": float(sub["drift"].mean()), "n_prompts": int(len(sub))}
+    return out
