@@ -245,7 +245,9 @@ class StampCache(CachePolicy):
     other arguments are ignored by the key (the fingerprint covers them), so pass models and other
     heavy objects freely. If the stamp of ``out`` is missing or stale (DVC deleted the outputs, a
     file was edited, a run was killed before the stamp), no key is returned: Prefect neither reads
-    nor writes its cache and the task body runs (and should use ``run_once``/``is_done``).
+    nor writes its cache and the task body runs (and should use ``run_once``/``is_done``). So the run
+    right after a recompute still executes the task body (which returns at once: the stamp is valid)
+    and stores the record that later runs are served from ("Cached").
     """
 
     out_param: str = "out"
