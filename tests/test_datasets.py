@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from t2iedit.datasets import (
@@ -415,3 +416,39 @@ def test_hf_corpus_lazy_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(DatasetError, match=r"t2iedit\[hf\]"):
         hf_texts("wikitext", None, "train", "text", size=2, seed=0)
+
+
+# ------------------------------------------------------------------------------ tasks (no Prefect server)
+def test_prepare_tasks_write_and_reuse(tmp_path):
+    from tasks.datasets import prepare_corpus, prepare_edit_set, verified_raw
+
+    assert verified_raw.fn(RAW, MANIFEST, "offline", tmp_path / "dl") == RAW
+    out = tmp_path / "datasets"
+    assert prepare_edit_set.fn(out, "fp1", RAW, "timed", "test", None, "keep_first") == out
+    es = read_edit_set(out / "edits.parquet", out / "eval_prompts.parquet")
+    assert es.edits.num_rows == 82
+    report = json.loads((out / "report.json").read_text())
+    assert report["policy"] == "keep_first" and report["over_77_tokens"] == []
+    assert "'A dog'" in (out / "report.md").read_text()
+    mtime = (out / "edits.parquet").stat().st_mtime_ns
+    prepare_edit_set.fn(out, "fp1", RAW, "timed", "test", None, "keep_all")  # same fingerprint: reused
+    assert (out / "edits.parquet").stat().st_mtime_ns == mtime
+    prepare_edit_set.fn(out, "fp2", RAW, "timed", "test", None, "keep_all")  # new fingerprint: recomputed
+    assert read_edit_set(out / "edits.parquet", out / "eval_prompts.parquet").edits.num_rows == 104
+    corpus = prepare_corpus.fn(tmp_path / "corpus", "fp", RAW / "coco/coco_30k.csv", "coco", 50, 0, 5000)
+    assert pa.parquet.read_table(corpus / "corpus.parquet").num_rows == 50
+
+
+def test_stage_params_validation():
+    import yaml
+    from flows.prepare_datasets import DatasetsParams
+
+    section = yaml.safe_load((RAW.parents[1] / "params.yaml").read_text())["datasets"]
+    p = DatasetsParams.model_validate(section)
+    assert p.corpus.size > 0
+    with pytest.raises(ValueError, match="user_file"):
+        DatasetsParams.model_validate({**section, "name": "user"})
+    with pytest.raises(ValueError):
+        DatasetsParams.model_validate({**section, "policy": "keep_first"})  # unknown key
+    with pytest.raises(ValueError):
+        DatasetsParams.model_validate({**section, "conflict_policy": "newest"})

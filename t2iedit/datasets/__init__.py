@@ -15,13 +15,13 @@ from t2iedit.datasets.schema import (
     CATEGORIES, DATASETS, EDITS_SCHEMA, EVAL_PROMPTS_SCHEMA, DatasetError, EditSet, norm_text,
     read_edit_set, validate, write_edit_set,
 )
-from t2iedit.datasets.user import MAX_TOKENS, default_tokenizer, load_user_edits
+from t2iedit.datasets.user import MAX_TOKENS, default_tokenizer, load_user_edits, over_length
 
 __all__ = [
     "CATEGORIES", "CORPUS_SCHEMA", "ConflictPolicy", "DATASETS", "DatasetError", "EDITS_SCHEMA",
     "EVAL_PROMPTS_SCHEMA", "EditSet", "GITHUB_RAW", "LOADERS", "MAX_TOKENS", "POLICIES", "RawFile",
     "THRESHOLD_FILES", "coco_captions", "default_tokenizer", "fetch_raw", "flag_other_sources", "hf_texts",
     "http_get", "join_thresholds", "load_benchmark", "load_cake", "load_road", "load_timed",
-    "load_user_edits", "norm_text", "read_edit_set", "read_manifest", "report_markdown",
+    "load_user_edits", "norm_text", "over_length", "read_edit_set", "read_manifest", "report_markdown",
     "resolve_conflicts", "source_groups", "timed_tags", "validate", "verify_raw", "write_edit_set",
 ]

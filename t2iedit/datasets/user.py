@@ -113,3 +113,12 @@ def load_user_edits(path: str | os.PathLike, tokenizer: Any | None = None,
     if not edits:
         raise DatasetError(f"{path}: no edits")
     return flag_other_sources(EditSet(edits_table(edits), eval_prompts_table(prompts)))
+
+
+def over_length(edit_set: EditSet, tokenizer: Any | None = None, max_tokens: int = MAX_TOKENS) -> list[str]:
+    """Ids of edits/eval prompts whose text exceeds ``max_tokens`` CLIP tokens (it would be truncated)."""
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    too_long = lambda text: text is not None and len(tokenizer(text).input_ids) > max_tokens  # noqa: E731
+    ids = [f"{r['edit_id']}:{f}" for r in edit_set.edits.to_pylist() for f in ("source", "target") if too_long(r[f])]
+    return ids + [r["prompt_id"] for r in edit_set.eval_prompts.select(["prompt_id", "prompt"]).to_pylist()
+                  if too_long(r["prompt"])]
