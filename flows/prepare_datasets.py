@@ -42,6 +42,7 @@ class DatasetsParams(StageParams):
     name: Literal["timed", "road", "cake", "user"] = "timed"
     split: str = "test"
     user_file: str | None = None
+    max_edits: int | None = Field(default=None, ge=1)  # first N single edits (+ their CAKE composites)
     conflict_policy: Literal["keep_all", "keep_first", "drop_conflicting", "error"] = "keep_all"
     download: Literal["offline", "online", "auto"] = "offline"
     corpus: CorpusParams
@@ -58,11 +59,12 @@ def prepare_datasets(params_file: str = PARAMS_FILE) -> dict[str, Path]:
     p = load_params("datasets", DatasetsParams, params_file)
     raw = verified_raw(RAW_DIR, MANIFEST, p.download, DOWNLOAD_DIR)
     user_file = Path(p.user_file) if p.user_file else None
-    edit_params = p.model_dump(include={"name", "split", "user_file", "conflict_policy"})
+    edit_params = p.model_dump(include={"name", "split", "user_file", "max_edits", "conflict_policy"})
     # the fetched bytes equal the vendored ones (both verified against the manifest): hash the vendored tree
     edit_fp = fingerprint("prepare_datasets/edit_set", edit_params,
                           inputs=[RAW_DIR, TOKENIZER_DIR, *([user_file] if user_file else [])], code=CODE)
-    edit_set = prepare_edit_set(DATASETS_DIR, edit_fp, raw, p.name, p.split, user_file, p.conflict_policy)
+    edit_set = prepare_edit_set(DATASETS_DIR, edit_fp, raw, p.name, p.split, user_file,
+                                p.conflict_policy, p.max_edits)
     c = p.corpus
     corpus_fp = fingerprint("prepare_datasets/corpus", c, inputs=[raw / COCO_CSV] if c.source == "coco" else [],
                             code=CODE)

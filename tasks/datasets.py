@@ -29,13 +29,13 @@ def verified_raw(raw_dir: Path, manifest: Path, mode: str, download_dir: Path) -
 
 @task(cache_policy=STAMP_CACHE)
 def prepare_edit_set(out: Path, fingerprint: str, raw_dir: Path, name: str, split: str,
-                     user_file: Path | None, conflict_policy: str) -> Path:
+                     user_file: Path | None, conflict_policy: str, max_edits: int | None = None) -> Path:
     """Write ``out``/{edits,eval_prompts}.parquet and the conflict report (json + md)."""
     def produce(folder: Path) -> None:
         edit_set = (ds.load_user_edits(user_file) if name == "user" else ds.load_benchmark(name, raw_dir, split))
-        edit_set, report = ds.resolve_conflicts(edit_set, conflict_policy)
+        edit_set, report = ds.resolve_conflicts(ds.subset(edit_set, max_edits), conflict_policy)
         report["dataset"], report["split"] = name, (user_file.stem if name == "user" else split)
-        report["over_77_tokens"] = ds.over_length(edit_set)
+        report["max_edits"], report["over_77_tokens"] = max_edits, ds.over_length(edit_set)
         ds.write_edit_set(edit_set, folder / EDITS_FILE, folder / EVAL_PROMPTS_FILE)
         write_json(folder / REPORT_JSON, report)
         write_text(folder / REPORT_MD, ds.report_markdown(report, title=f"Dataset {name}/{report['split']}"))

@@ -256,6 +256,21 @@ def test_policies_on_synthetic_duplicates():
     assert out.eval_prompts.column("is_other_source").to_pylist() == [False, True]
 
 
+def test_subset_keeps_composite_partners(sets):
+    from t2iedit.datasets import subset
+
+    cake = subset(sets[("cake", "test")], 10)
+    edits = cake.edits.to_pylist()
+    singles = {e["edit_id"] for e in edits if e["kind"] == "single"}
+    composites = [e for e in edits if e["kind"] == "composite"]
+    assert {f"cake-test-{i:03d}" for i in range(10)} <= singles
+    assert len(composites) == 10 and all(set(c["composite_of"]) <= singles for c in composites)
+    assert set(cake.eval_prompts.column("edit_id").to_pylist()) == {e["edit_id"] for e in edits}
+    timed = subset(sets[("timed", "test")], 10)
+    assert timed.edits.num_rows == 10 and timed.eval_prompts.num_rows == 110
+    assert subset(timed, None) is timed
+
+
 # ------------------------------------------------------------------------------------------ user files
 def _write(tmp_path: Path, name: str, text: str) -> Path:
     p = tmp_path / name

@@ -5,7 +5,7 @@ from t2iedit.datasets.benchmarks import (
     LOADERS, THRESHOLD_FILES, join_thresholds, load_benchmark, load_cake, load_road, load_timed, timed_tags,
 )
 from t2iedit.datasets.conflicts import (
-    POLICIES, ConflictPolicy, flag_other_sources, report_markdown, resolve_conflicts, source_groups,
+    POLICIES, ConflictPolicy, flag_other_sources, report_markdown, resolve_conflicts, source_groups, subset,
 )
 from t2iedit.datasets.corpus import CORPUS_SCHEMA, coco_captions, hf_texts
 from t2iedit.datasets.download import (
@@ -23,5 +23,5 @@ __all__ = [
     "THRESHOLD_FILES", "coco_captions", "default_tokenizer", "fetch_raw", "flag_other_sources", "hf_texts",
     "http_get", "join_thresholds", "load_benchmark", "load_cake", "load_road", "load_timed",
     "load_user_edits", "norm_text", "over_length", "read_edit_set", "read_manifest", "report_markdown",
-    "resolve_conflicts", "source_groups", "timed_tags", "validate", "verify_raw", "write_edit_set",
+    "resolve_conflicts", "source_groups", "subset", "timed_tags", "validate", "verify_raw", "write_edit_set",
 ]

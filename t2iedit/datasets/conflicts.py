@@ -140,3 +140,20 @@ def report_markdown(report: dict[str, Any], title: str = "Dataset preparation") 
         lines += ["", "## Sources with several targets", ""]
         lines += [f"- {src!r}: " + "; ".join(rows) for src, rows in report["conflicting_sources"].items()]
     return "\n".join(lines) + "\n"
+
+
+def subset(edit_set: EditSet, max_edits: int | None) -> EditSet:
+    """The first ``max_edits`` single edits, each composite edit whose first member is among them,
+    and that composite's other member (so every kept compo prompt is defined); None keeps all."""
+    if max_edits is None:
+        return edit_set
+    if max_edits < 1:
+        raise DatasetError(f"max_edits must be >= 1 or None, not {max_edits}")
+    rows = edit_set.edits.select(["edit_id", "kind", "composite_of"]).to_pylist()
+    keep = {r["edit_id"] for r in [r for r in rows if r["kind"] == "single"][:max_edits]}
+    composites = [r for r in rows if r["kind"] == "composite" and r["composite_of"][0] in keep]
+    for r in composites:
+        keep |= {r["edit_id"], *r["composite_of"]}
+    ids = pa.array(sorted(keep), pa.string())
+    return flag_other_sources(EditSet(edit_set.edits.filter(pc.is_in(edit_set.edits.column("edit_id"), ids)),
+                                      edit_set.eval_prompts.filter(pc.is_in(edit_set.eval_prompts.column("edit_id"), ids))))
