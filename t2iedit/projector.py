@@ -1,0 +1,87 @@
+"""Null-space projector of the preserved keys (METHOD.md §3; AlphaEdit's P, paper eq. 7).
+
+``C0 = U Λ Uᵀ`` (``torch.linalg.eigh``, float64). The null space is spanned by the eigenvectors whose
+eigenvalue falls below a threshold; ``P = U_null U_nullᵀ``, so ``P k0 ≈ 0`` for every preserved key
+and any update of the form ``Δ = X P`` leaves the preserved associations unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from t2iedit.io import load_meta, load_tensors, save_tensors
+
+Mode = Literal["absolute", "relative", "rank"]
+MODES: tuple[str, ...] = ("absolute", "relative", "rank")
+
+
+@dataclass(frozen=True)
+class NullSpaceProjector:
+    """``P`` (d, d) float64, the eigenvalues of C0 (ascending, float64) and how the split was chosen.
+
+    Eigenvectors with eigenvalue ``< threshold`` span the null space; ``null_rank`` of them.
+    ``mode``/``value``: the rule that produced ``threshold`` (see :func:`null_space_projector`).
+    """
+
+    P: torch.Tensor
+    eigenvalues: torch.Tensor
+    null_rank: int
+    mode: str
+    value: float
+    threshold: float
+
+    @property
+    def dim(self) -> int:
+        return self.P.shape[0]
+
+    def metrics(self) -> dict:
+        return {"null_rank": self.null_rank, "dim": self.dim, "null_fraction": self.null_rank / self.dim,
+                "threshold": self.threshold, "max_eigenvalue": float(self.eigenvalues[-1])}
+
+    def save(self, path: str | Path, meta: dict | None = None) -> Path:
+        return save_tensors(path, {"P": self.P, "eigenvalues": self.eigenvalues}, meta={
+            **(meta or {}), "null_rank": self.null_rank, "mode": self.mode, "value": self.value,
+            "threshold": self.threshold if math.isfinite(self.threshold) else "inf"})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NullSpaceProjector":
+        t, m = load_tensors(path), load_meta(path)
+        return cls(P=t["P"], eigenvalues=t["eigenvalues"], null_rank=int(m["null_rank"]), mode=m["mode"],
+                   value=float(m["value"]), threshold=float(m["threshold"]))
+
+
+def null_space_projector(C0: torch.Tensor, mode: Mode = "relative", value: float = 1.0e-2
+                         ) -> NullSpaceProjector:
+    """Projector onto the (near-)null space of the second moment ``C0`` (d, d).
+
+    mode:
+      - ``"absolute"``: eigenvalues ``< value`` are null (AlphaEdit: 2e-2 on its normalised moment).
+      - ``"relative"``: eigenvalues ``< value · λ_max`` are null (scale-free; re-calibrates to CLIP).
+      - ``"rank"``: the ``int(value)`` smallest eigenvalues are null.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if C0.ndim != 2 or C0.shape[0] != C0.shape[1]:
+        raise ValueError(f"C0 must be square, got {tuple(C0.shape)}")
+    C = C0.detach().to(torch.float64)
+    C = (C + C.T) / 2  # exact symmetry for eigh; C0 is symmetric up to rounding
+    eigenvalues, U = torch.linalg.eigh(C)  # ascending (d,), (d, d) columns = eigenvectors
+    d = C.shape[0]
+    if mode == "rank":
+        null_rank = int(value)
+        if null_rank != value or not 0 <= null_rank <= d:
+            raise ValueError(f"rank must be an integer in [0, {d}], got {value}")
+        threshold = float(eigenvalues[null_rank]) if null_rank < d else math.inf
+    else:
+        threshold = float(value) if mode == "absolute" else float(value) * float(eigenvalues[-1])
+        null_rank = int((eigenvalues < threshold).sum())
+    U_null = U[:, :null_rank]  # (d, r)
+    P = U_null @ U_null.T  # (d, d)
+    P = (P + P.T) / 2
+    return NullSpaceProjector(P=P, eigenvalues=eigenvalues, null_rank=null_rank, mode=mode,
+                              value=float(value), threshold=threshold)

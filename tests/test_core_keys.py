@@ -1,0 +1,157 @@
+"""Key collection on real forward passes: second moments, edit keys, hidden states (tiny CLIP, MiniLM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2iedit.keys import SecondMoment, collect_second_moment, compute_hidden, compute_keys
+from t2iedit.models import (BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, TextEncoderAdapter,
+                            load_text_encoder)
+from t2iedit.prompts import EditRequest
+
+TEXTS = [
+    "A bicycle replica with a clock as the front wheel.",
+    "A black Honda motorcycle parked in front of a garage.",
+    "A dog",
+    "Two giraffes standing next to each other in a grassy field under a bright blue sky with clouds.",
+    "The president of the United States",
+    "A room with blue walls and a white sink and door.",
+    "a cat",
+]
+REQUESTS = [
+    EditRequest("e0", "The president of the United States", "Joe Biden"),
+    EditRequest("e1", "A dog", "A cat"),
+    EditRequest("e2", "The CEO of Amazon", "Andy Jassy"),
+]
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_dir):
+    tokenizer, model = load_text_encoder(tiny_dir)
+    return tokenizer, TextEncoderAdapter(model)
+
+
+def _naive_keys(adapter, tokenizer, texts, layer):
+    """Reference: every text padded to 77, full forward, non-padding tokens' fc2 inputs (n, d_in)."""
+    enc = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad(), adapter.capture([layer]) as rec:
+        out = adapter.run(**enc)
+    assert out is not None
+    return rec["keys"][layer][enc["attention_mask"].bool()].double()
+
+
+def test_second_moment_streaming_merge_and_io(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(103, 12, generator=g)
+    whole = SecondMoment(12).update(K)
+    torch.testing.assert_close(whole.moment(), K.double().T @ K.double() / 103, rtol=1e-12, atol=1e-14)
+    streamed = SecondMoment(12)
+    for chunk in K.split(10):
+        streamed.update(chunk)
+    assert streamed.count == 103
+    torch.testing.assert_close(streamed.sum, whole.sum, rtol=1e-12, atol=1e-12)
+    merged = SecondMoment(12).update(K[:40]).merge(SecondMoment(12).update(K[40:]))
+    assert merged.count == 103
+    torch.testing.assert_close(merged.moment(), whole.moment(), rtol=1e-12, atol=1e-14)
+    whole.save(tmp_path / "m.safetensors", meta={"layer": 2})
+    back = SecondMoment.load(tmp_path / "m.safetensors")
+    assert back.count == 103 and torch.equal(back.sum, whole.sum)
+    with pytest.raises(ValueError):
+        SecondMoment(12).update(torch.zeros(3, 11))
+    with pytest.raises(ValueError):
+        SecondMoment(12).moment()
+
+
+def test_collected_moment_equals_naive_pad_to_77(clip):
+    """Sorting, padding to the longest and stopping early change nothing: same tokens, same moment."""
+    tokenizer, adapter = clip
+    layers = [0, 2]
+    moments = collect_second_moment(adapter, tokenizer, TEXTS, layers, batch_size=3, progress=False)
+    for layer in layers:
+        K0 = _naive_keys(adapter, tokenizer, TEXTS, layer)
+        assert moments[layer].count == K0.shape[0] == sum(
+            len(ids) for ids in tokenizer(TEXTS)["input_ids"])  # BOS and EOS included, no padding
+        torch.testing.assert_close(moments[layer].moment(), K0.T @ K0 / K0.shape[0], rtol=1e-5, atol=1e-7)
+    # batch size does not matter either; merging two halves equals the whole corpus
+    one = collect_second_moment(adapter, tokenizer, TEXTS, layers, batch_size=1, progress=False)
+    a = collect_second_moment(adapter, tokenizer, TEXTS[:4], layers, batch_size=8, progress=False)
+    b = collect_second_moment(adapter, tokenizer, TEXTS[4:], layers, batch_size=8, progress=False)
+    for layer in layers:
+        torch.testing.assert_close(one[layer].moment(), moments[layer].moment(), rtol=1e-5, atol=1e-7)
+        merged = a[layer].merge(b[layer])
+        assert merged.count == moments[layer].count
+        torch.testing.assert_close(merged.moment(), moments[layer].moment(), rtol=1e-5, atol=1e-7)
+
+
+def test_truncation_at_77(clip):
+    tokenizer, adapter = clip
+    long_text = " ".join(["dog"] * 120)
+    m = collect_second_moment(adapter, tokenizer, [long_text], [1], progress=False)
+    assert m[1].count == 77
+
+
+def test_early_stop_gives_identical_keys(clip):
+    tokenizer, adapter = clip
+    enc = tokenizer(TEXTS, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        with adapter.capture([1, 3]) as full:
+            assert adapter.run(**enc) is not None
+        with adapter.capture([1, 3], stop_after=3) as early:
+            assert adapter.run(**enc) is None
+    for layer in (1, 3):
+        assert torch.equal(full["keys"][layer], early["keys"][layer])
+
+
+def test_compute_keys_at_the_edit_token(clip):
+    tokenizer, adapter = clip
+    layer, templates = 2, ("A photo of {}", "{}")
+    K1 = compute_keys(adapter, tokenizer, REQUESTS, layer, templates)
+    assert K1.shape == (3, adapter.key_dim) and K1.dtype == torch.float64
+    # independent reference: one prompt at a time, last token before EOS (the source ends the prompt)
+    for i, r in enumerate(REQUESTS):
+        ref = 0
+        for t in templates:
+            enc = tokenizer([t.format(r.source)], return_tensors="pt")
+            with torch.no_grad(), adapter.capture([layer]) as rec:
+                adapter.run(**enc)
+            ref = ref + rec["keys"][layer][0, -2].double()
+        torch.testing.assert_close(K1[i], ref / len(templates), rtol=1e-5, atol=1e-6)
+    # subject in the middle of a template: the edit token is the source's last token, not the prompt's
+    K_mid = compute_keys(adapter, tokenizer, REQUESTS[1:2], layer, ("{} on the beach",))
+    enc = tokenizer(["A dog on the beach"], return_tensors="pt")
+    with torch.no_grad(), adapter.capture([layer]) as rec:
+        adapter.run(**enc)
+    torch.testing.assert_close(K_mid[0], rec["keys"][layer][0, 2].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_compute_hidden_is_block_output(clip):
+    tokenizer, adapter = clip
+    hooks = dict(adapter.block(3)._forward_hooks)
+    h = compute_hidden(adapter, tokenizer, REQUESTS, 3)
+    assert dict(adapter.block(3)._forward_hooks) == hooks  # our hook removed
+    assert h.shape == (3, adapter.value_dim) and h.dtype == torch.float64
+    enc = tokenizer([r.source for r in REQUESTS], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        out = adapter.model(**enc, output_hidden_states=True)
+    last = enc["attention_mask"].sum(1) - 2  # token before EOS
+    ref = out.hidden_states[4][torch.arange(3), last].double()  # hidden_states[0] = embeddings
+    torch.testing.assert_close(h, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_on_minilm(minilm_dir):
+    """The same collector and edit-key code on a BERT-style encoder (non-causal, masked padding)."""
+    tokenizer, model = load_text_encoder(minilm_dir, subfolder=None, tokenizer_subfolder=None)
+    adapter = TextEncoderAdapter(model, BERT_DENSE_TEMPLATE, BERT_BLOCK_TEMPLATE)
+    assert adapter.key_dim == 1536 and adapter.value_dim == 384
+    layers = [0, 3]
+    texts = TEXTS[:5]
+    m = collect_second_moment(adapter, tokenizer, texts, layers, batch_size=2, progress=False)
+    one = collect_second_moment(adapter, tokenizer, texts, layers, batch_size=1, progress=False)
+    for layer in layers:
+        assert m[layer].count == sum(len(ids) for ids in tokenizer(texts)["input_ids"])  # CLS, SEP included
+        torch.testing.assert_close(m[layer].moment(), one[layer].moment(), rtol=1e-4, atol=1e-6)
+    K1 = compute_keys(adapter, tokenizer, REQUESTS, 3)
+    h = compute_hidden(adapter, tokenizer, REQUESTS, 3)
+    assert K1.shape == (3, 1536) and h.shape == (3, 384)
+    assert torch.isfinite(K1).all() and torch.isfinite(h).all()
