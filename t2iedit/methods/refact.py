@@ -199,3 +199,18 @@ def compute_refact_edit(adapter: TextEncoderAdapter, tokenizer, requests: Sequen
             fc2.weight.copy_(w0)
     logger.info("ReFACT: %d edits at layer %d", len(requests), config.layer)
     return {adapter.module_name(config.layer): total.float()}, infos
+
+
+def refact_method(requests: Sequence[EditRequest], stats, components, config: RefactConfig,
+                  *, method: str = "refact"):
+    """The registry entry: ReFACT's accumulated ΔW as an ``EditArtifact`` (one ``text_encoder:``
+    module), with each edit's final p(target) and step count in the manifest."""
+    from t2iedit.edit import EditArtifact, module_key
+    from t2iedit.methods.base import make_manifest
+
+    deltas, infos = compute_refact_edit(components.adapter, components.tokenizer, requests,
+                                        stats.moment(config.layer), config)
+    return EditArtifact(
+        {module_key("text_encoder", name): d for name, d in deltas.items()},
+        make_manifest(method, components, config, (config.layer,), len(requests),
+                      {"per_edit": infos, "sequential": True}))

@@ -177,3 +177,18 @@ def compute_time_edit(unet: nn.Module, text_encoder: nn.Module, tokenizer,
         logger.debug("TIME edit %d/%d (%s -> %s)", i + 1, len(requests), req.source, req.target)
     logger.info("TIME: %d edits over %d cross-attention projections", len(requests), len(W))
     return {n: (W[n] - W0[n]).float() for n in W}
+
+
+def time_method(requests: Sequence[EditRequest], stats, components, config: TimeConfig,
+                *, method: str = "time"):
+    """The registry entry: TIME's ΔW as an ``EditArtifact`` of ``unet:`` modules."""
+    from t2iedit.edit import EditArtifact, module_key
+    from t2iedit.methods.base import make_manifest
+
+    deltas = compute_time_edit(components.unet, components.text_encoder, components.tokenizer,
+                               requests, config)
+    return EditArtifact(
+        {module_key("unet", name): d for name, d in deltas.items()},
+        make_manifest(method, components, config, (), len(requests),
+                      {"modules": sorted(deltas), "edit_ids": [r.edit_id for r in requests],
+                       "sequential": True}))
