@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -126,6 +127,38 @@ def compute_thresholds(scores: pd.DataFrame, tag_column: str = "tag",
     out: dict[str, dict[str, dict[str, float]]] = {}
     for (tag, prompt), group in scores.groupby([tag_column, prompt_column], sort=True):
         out.setdefault(str(tag), {})[str(prompt)] = threshold_stats(group[score_column].to_numpy())
+    return out
+
+
+def thresholds_from_oracle(rows: pd.DataFrame) -> pd.DataFrame:
+    """Adaptive thresholds of another base model, in the ``eval_prompts`` columns.
+
+    ``rows``: per-image rows of the *unedited* model prompted with each prompt's oracle prompt
+    (``evaluate_images(..., prompt_column="oracle_prompt")``) over N seeds (CAKE: 50), with their
+    ``eval_score`` = cos(image, eval text). Returns one row per ``prompt_id`` with
+    ``threshold_mean`` and ``threshold_{1,2,3}sigma`` (mean − kσ, ddof=1).
+    """
+    rows = rows[rows["eval_score"].notna()]
+    if rows.empty:
+        raise ValueError("no eval scores to compute thresholds from")
+    out = []
+    for pid, group in rows.groupby("prompt_id", sort=True):
+        st = threshold_stats(group["eval_score"].astype(float).to_numpy())
+        out.append({"prompt_id": pid, "n_seeds": len(group),
+                    **{f"threshold_{k}": st[k] for k in ("mean", *SIGMA_KEYS)}})
+    return pd.DataFrame(out)
+
+
+def with_thresholds(eval_prompts: pd.DataFrame, thresholds: pd.DataFrame) -> pd.DataFrame:
+    """``eval_prompts`` with its threshold columns replaced by ``thresholds`` (per prompt_id); every
+    prompt that has an eval text must get one."""
+    cols = [f"threshold_{k}" for k in ("mean", *SIGMA_KEYS)]
+    out = eval_prompts.drop(columns=cols).merge(thresholds[["prompt_id", *cols]], on="prompt_id",
+                                                how="left")
+    lacking = out["eval_text"].notna() & out["threshold_2sigma"].isna()
+    if lacking.any():
+        raise ValueError(f"{int(lacking.sum())} prompts have no recomputed threshold, e.g. "
+                         f"{out.loc[lacking, 'prompt_id'].tolist()[:3]}")
     return out
 
 
@@ -234,7 +267,7 @@ def markdown_table(results: Mapping[str, Mapping], title: str | None = None,
 def score_images(encoder, rows: pd.DataFrame, images: Sequence, batch_size: int = 32) -> pd.DataFrame:
     """Run both image tests on ``images`` (PIL, one per row of ``rows``).
 
-    ``rows`` columns: ``category``, ``original_class``, ``edited_class`` (binary test; null → no
+    ``rows`` columns: ``category``, ``class_original``, ``class_edited`` (binary test; null → no
     binary result), and optionally ``eval_text`` + ``threshold`` (adaptive test; null → none).
     Returns ``rows`` with ``p_edited``, ``binary_success``, ``eval_score``, ``threshold_success``.
     Class texts are lower-cased (protocol); the eval text is used as given, like CAKE.
@@ -252,26 +285,80 @@ def score_images(encoder, rows: pd.DataFrame, images: Sequence, batch_size: int 
 
     rows["p_edited"] = pd.Series([None] * len(rows), dtype="Float64")
     rows["binary_success"] = pd.Series([None] * len(rows), dtype="boolean")
-    has_classes = (rows["original_class"].notna() & rows["edited_class"].notna()).to_numpy()
-    if has_classes.any():
-        sub = rows[has_classes]
-        p = binary_probability(img[has_classes],
-                               text_feats(sub["original_class"].str.lower()),
-                               text_feats(sub["edited_class"].str.lower())).numpy()
-        rows.loc[has_classes, "p_edited"] = p
-        rows.loc[has_classes, "binary_success"] = binary_success(p, sub["category"].tolist())
+    mask = np.array(rows["class_original"].notna() & rows["class_edited"].notna(), dtype=bool)
+    if mask.any():
+        sub = rows[mask]
+        p = binary_probability(img[torch.from_numpy(mask)],
+                               text_feats(sub["class_original"].str.lower()),
+                               text_feats(sub["class_edited"].str.lower())).numpy()
+        rows.loc[mask, "p_edited"] = p
+        rows.loc[mask, "binary_success"] = binary_success(p, sub["category"].tolist())
 
     rows["eval_score"] = pd.Series([None] * len(rows), dtype="Float64")
     rows["threshold_success"] = pd.Series([None] * len(rows), dtype="boolean")
     if "eval_text" in rows and "threshold" in rows:
-        has_thr = (rows["eval_text"].notna() & rows["threshold"].notna()).to_numpy()
-        if has_thr.any():
-            sub = rows[has_thr]
-            cos = (img[has_thr] * text_feats(sub["eval_text"])).sum(-1).double().numpy()
-            rows.loc[has_thr, "eval_score"] = cos
-            rows.loc[has_thr, "threshold_success"] = threshold_success(
+        mask = np.array(rows["eval_text"].notna() & rows["threshold"].notna(), dtype=bool)
+        if mask.any():
+            sub = rows[mask]
+            cos = (img[torch.from_numpy(mask)] * text_feats(sub["eval_text"])).sum(-1).double().numpy()
+            rows.loc[mask, "eval_score"] = cos
+            rows.loc[mask, "threshold_success"] = threshold_success(
                 cos, sub["threshold"].astype(float).to_numpy())
     return rows
+
+
+def join_images(eval_prompts: pd.DataFrame, index: pd.DataFrame, method: str,
+                prompt_column: str = "prompt", sigma: str = "2sigma") -> pd.DataFrame:
+    """One row per (evaluation prompt, seed): ``eval_prompts`` joined with an image index
+    (:data:`t2iedit.generate.INDEX_SCHEMA`) on the prompt that generated the image.
+
+    ``prompt_column``: which text was fed to the model (``prompt``; ``oracle_prompt`` for the oracle
+    baseline, falling back to ``prompt`` where it is null). ``sigma``: CAKE threshold column used
+    (``threshold_<sigma>``). Every prompt must have an image for every seed of the index.
+    """
+    if sigma not in ("mean", *SIGMA_KEYS):
+        raise ValueError(f"sigma must be one of mean, {', '.join(SIGMA_KEYS)}; got {sigma!r}")
+    ep = eval_prompts.copy()
+    ep["generated_prompt"] = ep[prompt_column].fillna(ep["prompt"])
+    ep["threshold"] = ep[f"threshold_{sigma}"].astype("Float64")
+    idx = index[["prompt", "seed", "path"]].rename(columns={"prompt": "generated_prompt"})
+    seeds = sorted(int(s) for s in idx["seed"].unique())
+    merged = ep.merge(idx, on="generated_prompt", how="left")
+    counts = merged.groupby("prompt_id")["path"].count()
+    short = counts[counts < len(seeds)]
+    if seeds == [] or len(short):
+        raise ValueError(f"{len(short) if seeds else len(ep)} evaluation prompts lack images for "
+                         f"some of the seeds {seeds} (method {method!r}), e.g. "
+                         f"{short.index.tolist()[:3]}")
+    merged["seed"] = merged["seed"].astype("int64")
+    merged["method"] = method
+    return merged.reset_index(drop=True)
+
+
+def per_image_table(rows: pd.DataFrame) -> pa.Table:
+    """Per-image results in :data:`PER_IMAGE_SCHEMA` (extra columns dropped)."""
+    df = rows[PER_IMAGE_SCHEMA.names].copy()
+    for c in ("p_edited", "eval_score", "threshold"):
+        df[c] = df[c].astype("float64")
+    for c in ("binary_success", "threshold_success"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    return pa.Table.from_pandas(df, schema=PER_IMAGE_SCHEMA, preserve_index=False)
+
+
+def evaluate_images(encoder, eval_prompts: pd.DataFrame, index: pd.DataFrame,
+                    image_root: str | os.PathLike, method: str, prompt_column: str = "prompt",
+                    sigma: str = "2sigma", batch_size: int = 32) -> pd.DataFrame:
+    """Per-image results of one method: join prompts and images (:func:`join_images`), load the
+    images and run both tests (:func:`score_images`), chunk by chunk to bound memory."""
+    from t2iedit.generate import load_image
+
+    rows = join_images(eval_prompts, index, method, prompt_column, sigma)
+    parts = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows.iloc[i:i + batch_size]
+        images = [load_image(image_root, p) for p in chunk["path"]]
+        parts.append(score_images(encoder, chunk, images, batch_size=batch_size))
+    return pd.concat(parts, ignore_index=True)
 
 
 # --- text-space metrics ----------------------------------------------------------------------
@@ -290,14 +377,14 @@ def eos_features(tokenizer, text_encoder, texts: Sequence[str], batch_size: int 
     return torch.cat(feats)
 
 
-def text_space_success(after: torch.Tensor, original_class: torch.Tensor,
-                       edited_class: torch.Tensor, categories: Sequence[str]) -> np.ndarray:
+def text_space_success(after: torch.Tensor, class_original: torch.Tensor,
+                       class_edited: torch.Tensor, categories: Sequence[str]) -> np.ndarray:
     """Binary test in text-feature space. ``after``: the edited encoder's feature of each prompt;
-    ``original_class`` / ``edited_class``: the frozen encoder's features of the two class texts; all
+    ``class_original`` / ``class_edited``: the frozen encoder's features of the two class texts; all
     (n, d). Edit categories succeed iff ``after`` is nearer the edited class; specificity iff nearer
     the original class."""
-    d_orig = (after - original_class).norm(dim=-1)
-    d_edit = (after - edited_class).norm(dim=-1)
+    d_orig = (after - class_original).norm(dim=-1)
+    d_edit = (after - class_edited).norm(dim=-1)
     want_edit = np.array([EDITED_MUST_WIN[c] for c in _check_categories(categories)], dtype=bool)
     closer_edit = (d_edit < d_orig).numpy()
     closer_orig = (d_orig < d_edit).numpy()
