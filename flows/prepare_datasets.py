@@ -66,7 +66,7 @@ def prepare_datasets(params_file: str = PARAMS_FILE) -> dict[str, Path]:
     edit_set = prepare_edit_set(DATASETS_DIR, edit_fp, raw, p.name, p.split, user_file,
                                 p.conflict_policy, p.max_edits)
     c = p.corpus
-    corpus_fp = fingerprint("prepare_datasets/corpus", c, inputs=[raw / COCO_CSV] if c.source == "coco" else [],
+    corpus_fp = fingerprint("prepare_datasets/corpus", c, inputs=[RAW_DIR / COCO_CSV] if c.source == "coco" else [],
                             code=CODE)
     hf = {"name": c.hf_name, "config": c.hf_config, "split": c.hf_split, "text_field": c.hf_text_field}
     corpus = prepare_corpus(CORPUS_DIR, corpus_fp, raw / COCO_CSV, c.source, c.size, c.seed, c.holdout_first, hf)
