@@ -1,0 +1,259 @@
+"""Target values: loss properties, δ injection, optimisation on the tiny model, batch independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2iedit.io import load_meta, load_tensors, read_parquet, save_tensors, write_parquet
+from t2iedit.losses import (eata_loss, entity_features, per_edit_mean, pooled_feature, text_loss,
+                            visual_loss)
+from t2iedit.models import TextEncoderAdapter, get_preset
+from t2iedit.ner import heuristic_spans
+from t2iedit.prompts import EditRequest
+from t2iedit.values import (LOSS_SCHEMA, ValueConfig, VisualInputs, add_at_positions,
+                            compute_target_values, compute_target_values_batched, ddpm_scheduler_for,
+                            generate_source_latents, losses_table, prepare_rows, value_meta,
+                            value_tensors, weighted_config)
+
+LAYER = get_preset("tiny").value_layer
+FACTS = [("The president of the United States", "Tim Cook"), ("The CEO of Amazon", "Sundar Pichai"),
+         ("A dog", "A cat"), ("The Titanic male lead", "Jeff Bezos")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def requests():
+    return [EditRequest(f"e{i}", s, t, tuple(heuristic_spans(s))) for i, (s, t) in enumerate(FACTS)]
+
+
+@pytest.fixture(scope="module")
+def enc(tiny_pipe):
+    adapter = TextEncoderAdapter(tiny_pipe.text_encoder)
+    return tiny_pipe.tokenizer, tiny_pipe.text_encoder, adapter.block(LAYER)
+
+
+@pytest.fixture(scope="module")
+def visual(tiny_pipe, requests):
+    lat = generate_source_latents(tiny_pipe, [r.edit_id for r in requests], [r.source for r in requests],
+                                  seed=0, images_per_prompt=2, num_inference_steps=2, batch_size=3)
+    return VisualInputs(tiny_pipe.unet, ddpm_scheduler_for(tiny_pipe), lat)
+
+
+def _sub(visual, i, j):
+    return VisualInputs(visual.unet, visual.noise_scheduler, visual.latents[i:j])
+
+
+# ---------------------------------------------------------------------------------------- loss terms
+def test_loss_terms_zero_for_identical_inputs():
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(5, 8, generator=g)
+    e = torch.randn(5, 3, 8, generator=g)
+    eps = torch.randn(5, 4, 6, 6, generator=g)
+    assert torch.equal(text_loss(c, c), torch.zeros(5))
+    assert torch.equal(eata_loss(e, e, torch.ones(5, 3)), torch.zeros(5))
+    assert torch.equal(visual_loss(eps, eps), torch.zeros(5))
+    # and the definitions: squared L2 per row, mean over latent elements
+    assert torch.allclose(text_loss(c, 0 * c), (c ** 2).sum(1))
+    assert torch.allclose(visual_loss(eps, 0 * eps), (eps ** 2).mean((1, 2, 3)))
+
+
+def test_eata_gradient_zero_without_entities():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 7, 8, generator=g, requires_grad=True)
+    frozen = torch.randn(3, 2, 8, generator=g)
+    weights = torch.zeros(3, 2, 7)
+    mask = torch.zeros(3, 2)
+    eata_loss(entity_features(hidden, weights), frozen, mask).sum().backward()
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden))
+    # with an entity on row 1 only, only row 1 gets a gradient
+    hidden.grad = None
+    weights[1, 0, 2:4] = 0.5
+    mask[1, 0] = 1
+    eata_loss(entity_features(hidden, weights), frozen, mask).sum().backward()
+    assert hidden.grad[[0, 2]].abs().sum() == 0 and hidden.grad[1, 2:4].abs().sum() > 0
+
+
+def test_per_edit_mean_and_pooling():
+    vals = torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0])
+    assert torch.equal(per_edit_mean(vals, torch.tensor([0, 0, 1, 1, 1]), 3), torch.tensor([2.0, 20.0, 0.0]))
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert pooled_feature(h, m, "eos").flatten().tolist() == [2.0, 7.0]
+    assert pooled_feature(h, m, "cls").flatten().tolist() == [0.0, 4.0]
+    assert pooled_feature(h, m, "mean").flatten().tolist() == [1.0, 5.5]
+
+
+def test_eos_pooling_is_clip_pooler_output(enc):
+    tok, model, _ = enc
+    batch = tok(["A dog", "The president of the United States"], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.allclose(pooled_feature(out.last_hidden_state, batch["attention_mask"], "eos"),
+                          out.pooler_output, atol=1e-6)
+
+
+def test_rows_positions_and_entity_weights(enc, requests):
+    tok, model, _ = enc
+    rows = prepare_rows(tok, model, requests[:2], ("A photo of {}", "{}"), sd_conditioning=False)
+    assert rows.row_edit.tolist() == [0, 0, 1, 1]
+    for r in range(4):  # the edit token is the last real token before [EOS]
+        assert rows.input_ids[r, rows.edit_pos[r] + 1] == tok.eos_token_id
+    words = tok.decode(rows.input_ids[0][rows.entity_weights[0, 0] > 0])
+    assert words.strip() == "the united states" and rows.entity_weights[0, 0].sum() == pytest.approx(1.0)
+    assert tok.decode(rows.input_ids[3][rows.entity_weights[3, 0] > 0]).strip() == "amazon"
+
+
+# ---------------------------------------------------------------------------------- optimisation
+def test_identical_prompts_have_zero_loss(enc, visual):
+    tok, model, block = enc
+    req = [EditRequest("same", "The president of the United States", "The president of the United States",
+                       ((17, 34),))]
+    res = compute_target_values(tok, model, block, req, ValueConfig(steps=0), _sub(visual, 0, 1))
+    for k in ("text", "eata", "visual", "total", "total_init"):
+        assert res.losses[k].abs().max() < 1e-8, k
+
+
+def test_z0_is_block_output_and_z_is_z0_plus_delta(enc, requests):
+    tok, model, block = enc
+    res = compute_target_values(tok, model, block, requests, ValueConfig(lambda_visual=0.0, steps=3))
+    for i, req in enumerate(requests):
+        ids = tok(req.source, return_tensors="pt")
+        with torch.no_grad():  # hidden_states[L + 1] is the output of block L
+            h = model(**ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
+        assert torch.allclose(res.z0[i], h[ids["input_ids"].shape[1] - 2], atol=1e-5)
+    assert torch.equal(res.z, res.z0 + res.delta)
+
+
+def test_text_only_lowers_loss_and_respects_clamp(enc, requests):
+    tok, model, block = enc
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks = dict(block._forward_hooks)  # transformers may keep its own output-capturing hook
+    cfg = ValueConfig(lambda_visual=0.0, steps=60, clamp_factor=0.5)
+    res = compute_target_values(tok, model, block, requests, cfg)
+    assert (res.losses["total"] < res.losses["total_init"] - 1e-3).all()
+    assert (res.losses["text"] < res.losses["total_init"]).all()
+    assert (res.delta.norm(dim=1) <= 0.5 * res.z0.norm(dim=1) * (1 + 1e-5)).all()
+    # the model is unchanged: weights, requires_grad, no hooks left behind
+    assert all(torch.equal(p, before[n]) and p.requires_grad for n, p in model.named_parameters())
+    assert dict(block._forward_hooks) == hooks and all(p.grad is None for p in model.parameters())
+
+
+def test_eata_without_entities_keeps_delta_zero(enc):
+    tok, model, block = enc
+    req = [EditRequest("x", "A dog", "A cat", ())]
+    res = compute_target_values(tok, model, block, req, ValueConfig(
+        alpha=1.0, text_weight=0.0, lambda_visual=0.0, weight_decay=0.0, steps=5))
+    assert torch.equal(res.delta, torch.zeros_like(res.delta))
+
+
+def test_entity_term_pulls_towards_frozen_entities(enc, requests):
+    """With α the entity representations move less than without (same text objective)."""
+    tok, model, block = enc
+    reqs = requests[:2]  # entity ends the prompt: its last token is the edit token (CLIP is causal)
+    eata = {a: compute_target_values(tok, model, block, reqs, ValueConfig(
+        alpha=a, lambda_visual=0.0, steps=60)).losses["eata"] for a in (0.0, 5.0)}
+    assert (eata[5.0] < eata[0.0]).all()
+
+
+def _visual_at_fixed_draw(enc, visual, requests, delta, seed=123):
+    """L_V recomputed independently of values.py's loop at one fixed (t, noise) per edit."""
+    tok, model, block = enc
+    n = len(requests)
+    g = torch.Generator().manual_seed(seed)
+    x0 = visual.latents[:, 0]
+    t = torch.randint(0, 1000, (n,), generator=g)
+    x_t = visual.noise_scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+
+    def cond(texts, d=None):
+        ids = tok(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+        pos = torch.tensor([len(tok(s)["input_ids"]) - 2 for s in texts])
+        with torch.no_grad():
+            if d is None:
+                return model(input_ids=ids).last_hidden_state
+            with add_at_positions(block, torch.arange(n), pos, lambda: d):
+                return model(input_ids=ids).last_hidden_state
+
+    with torch.no_grad():
+        eps_tgt = visual.unet(x_t, t, encoder_hidden_states=cond([r.target for r in requests])).sample
+        eps = visual.unet(x_t, t, encoder_hidden_states=cond([r.source for r in requests], delta)).sample
+    return visual_loss(eps, eps_tgt)
+
+
+def test_visual_loss_is_optimised(enc, requests, visual):
+    tok, model, block = enc
+    before = {n: p.detach().clone() for n, p in visual.unet.named_parameters()}
+    # L_V alone (the tiny UNet's L_V is ~1e-3, so no weight decay to compete with it)
+    cfg = ValueConfig(alpha=0.0, text_weight=0.0, lambda_visual=1.0, steps=15, lr=0.5, weight_decay=0.0)
+    res = compute_target_values(tok, model, block, requests, cfg, visual)
+    for seed in (1, 2):  # draws the optimisation never saw
+        lv0 = _visual_at_fixed_draw(enc, visual, requests, torch.zeros_like(res.delta), seed)
+        lv1 = _visual_at_fixed_draw(enc, visual, requests, res.delta, seed)
+        assert lv1.mean() < 0.9 * lv0.mean()
+    assert all(torch.equal(p, before[n]) for n, p in visual.unet.named_parameters())
+
+
+def test_full_loss_with_visual_lowers_total(enc, requests, visual):
+    tok, model, block = enc
+    res = compute_target_values(tok, model, block, requests, ValueConfig(steps=10), visual)
+    assert (res.losses["total"] < res.losses["total_init"]).all()
+    assert (res.losses["visual"] > 0).all()
+
+
+def test_emcid_weighting():
+    cfg = weighted_config("emcid", steps=3)
+    assert (cfg.text_weight, cfg.lambda_visual) == (0.01, 1.0)
+    assert weighted_config("paper", lambda_visual=0.05).lambda_visual == 0.05
+    with pytest.raises(ValueError):
+        weighted_config("other")
+    with pytest.raises(ValueError, match="'{}'"):
+        ValueConfig(templates=("A photo of {}",))  # visual loss needs the plain prompt
+
+
+@pytest.mark.parametrize("lambda_visual", [0.0, 0.01])
+def test_batched_equals_one_at_a_time(enc, requests, visual, lambda_visual):
+    tok, model, block = enc
+    cfg = ValueConfig(lambda_visual=lambda_visual, steps=40 if lambda_visual == 0 else 6)
+    vis = visual if lambda_visual else None
+    together = compute_target_values(tok, model, block, requests, cfg, vis)
+    for i, req in enumerate(requests):
+        alone = compute_target_values(tok, model, block, [req], cfg, _sub(visual, i, i + 1) if vis else None)
+        assert torch.allclose(alone.delta[0], together.delta[i], atol=1e-4, rtol=1e-4), req.edit_id
+        for k in ("text", "eata", "visual", "total"):
+            assert torch.allclose(alone.losses[k][0], together.losses[k][i], atol=1e-4, rtol=1e-4)
+    # splitting into batches of 3 + 1 changes nothing either
+    split = compute_target_values_batched(tok, model, block, requests, cfg, 3, vis)
+    assert split.edit_ids == together.edit_ids
+    assert torch.allclose(split.delta, together.delta, atol=1e-4, rtol=1e-4)
+
+
+def test_source_latents_do_not_depend_on_batching(tiny_pipe, requests, visual):
+    alone = generate_source_latents(tiny_pipe, [requests[2].edit_id], [requests[2].source], seed=0,
+                                    images_per_prompt=2, num_inference_steps=2)
+    assert alone.shape == (1, 2, 4, 16, 16)
+    assert torch.allclose(alone[0], visual.latents[2], atol=1e-5)
+    assert not torch.allclose(visual.latents[2, 0], visual.latents[2, 1])
+
+
+def test_artifacts_roundtrip(enc, requests, tmp_path):
+    tok, model, block = enc
+    cfg = ValueConfig(lambda_visual=0.0, steps=2)
+    res = compute_target_values(tok, model, block, requests, cfg, value_layer=LAYER)
+    path = save_tensors(tmp_path / "values.safetensors", value_tensors(res), value_meta(res, cfg))
+    back = load_tensors(path)
+    assert back["z"].shape == (len(requests), model.config.hidden_size)
+    assert torch.equal(back["z"], res.z)
+    meta = load_meta(path)
+    assert meta["edit_ids"] == [r.edit_id for r in requests] and meta["value_layer"] == LAYER
+    assert meta["config_hash"] == cfg.hash()
+    table = read_parquet(write_parquet(tmp_path / "losses.parquet", losses_table(res)), LOSS_SCHEMA)
+    assert table.column("edit_id").to_pylist() == meta["edit_ids"]
+    assert table.column("steps").to_pylist() == [2] * len(requests)
