@@ -1,0 +1,93 @@
+"""Stage generate: images of every evaluation prompt × seed for each evaluated model.
+
+``python -m flows.generate`` (DVC stage ``generate``) reads params.yaml ``model`` and ``generate``,
+data/processed/datasets/eval_prompts.parquet and, for the ``edited`` method, the edit stage's
+artifact folder data/edit/artifact (an ``EditArtifact``). Methods: ``edited`` (edit applied,
+evaluation prompts), ``unedited`` (evaluation prompts) and ``oracle`` (unedited, oracle prompts).
+Writes content-addressed PNGs under data/eval/images/ (persist: an image is never generated twice),
+one index per batch under data/eval/batches/ (mapped tasks: a killed run keeps finished batches) and
+one index per method data/eval/index/<method>.parquet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow
+from pydantic import Field
+
+from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
+from t2iedit.generate import model_hash
+from t2iedit.io import read_parquet, tree_sha256
+from t2iedit.models import get_preset
+from tasks._common import fingerprint, item_fingerprint, prune
+from tasks.evaluate import generate_batch, merge_index, model_source
+
+EVAL_PROMPTS = Path("data/processed/datasets/eval_prompts.parquet")
+EDIT_ARTIFACT = Path("data/edit/artifact")
+OUT = Path("data/eval")
+MODELS_DIR, IMAGES, BATCHES, INDEX_DIR = OUT / "models", OUT / "images", OUT / "batches", OUT / "index"
+CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate"]
+PROMPT_COLUMN = {"edited": "prompt", "unedited": "prompt", "oracle": "oracle_prompt"}
+
+Method = Literal["edited", "unedited", "oracle"]
+
+
+class ModelParams(StageParams):
+    preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
+    seed: int = 0
+
+
+class GenerateParams(StageParams):
+    methods: list[Method] = Field(default_factory=lambda: ["edited", "unedited", "oracle"])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    num_inference_steps: int | None = Field(default=None, ge=1)  # None: the preset's (SD 50, tiny 4)
+    guidance_scale: float = 7.5
+    batch_size: int = Field(default=8, ge=1)        # prompts per pipeline call
+    task_batches: int = Field(default=64, ge=1)     # images per mapped task (unit of resumption)
+
+
+def sampling_for(preset: str, p: GenerateParams) -> dict:
+    pre = get_preset(preset)
+    return {"num_inference_steps": p.num_inference_steps or pre.num_inference_steps,
+            "guidance_scale": p.guidance_scale, "height": pre.resolution, "width": pre.resolution}
+
+
+@flow(name="generate")
+def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
+    m = load_params("model", ModelParams, params_file)
+    p = load_params("generate", GenerateParams, params_file)
+    log = logger()
+    source, revision = model_source(m.preset, m.seed, MODELS_DIR)
+    base = {"preset": m.preset, "seed": m.seed, "source": source if not get_preset(m.preset).tiny else None,
+            "revision": revision}
+    sampling = sampling_for(m.preset, p)
+    ep = read_parquet(EVAL_PROMPTS).to_pandas()
+    base_id = tree_sha256(source) if get_preset(m.preset).tiny else source
+    outs: dict[str, Path] = {}
+    batch_files: list[Path] = []
+    for method in p.methods:
+        artifact = EDIT_ARTIFACT if method == "edited" else None
+        inputs = [EVAL_PROMPTS, *([artifact] if artifact else [])]
+        fp = fingerprint(f"generate/{method}", {"generate": p, "model": m}, inputs=inputs, code=CODE,
+                         extra=base)
+        mh = model_hash(base_id, revision, tree_sha256(artifact) if artifact else None)
+        col = PROMPT_COLUMN[method]
+        texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
+        items = list(dict.fromkeys((t, s) for t in texts for s in p.seeds))
+        chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
+        outs_b = [BATCHES / method / f"{i:05d}.parquet" for i in range(len(chunks))]
+        futures = generate_batch.map(
+            outs_b, [item_fingerprint(fp, c) for c in chunks], m.preset, source, revision, artifact,
+            chunks, IMAGES, mh, sampling, p.batch_size)
+        done = [f.result() for f in futures]
+        batch_files += done
+        outs[method] = merge_index(INDEX_DIR / f"{method}.parquet", fp, done)
+        log.info("%s: %d images in %d batches (model %s)", method, len(items), len(chunks), mh[:16])
+    prune(BATCHES, keep=batch_files)
+    return outs
+
+
+if __name__ == "__main__":
+    run_stage(generate)

@@ -1,0 +1,166 @@
+"""Prefect tasks of the evaluation stages (generate → metrics → report).
+
+Every task takes its output path and fingerprint (STAMP_CACHE + run_once) and loads models inside.
+Images live in one content-addressed folder shared by all methods; each generation batch writes its
+own small index file, so a killed run keeps every finished batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+
+from t2iedit import metrics as M
+from t2iedit import plots
+from t2iedit.generate import SamplingConfig, generate_images, load_image, read_index, write_index
+from t2iedit.io import read_json, read_parquet, write_json, write_parquet, write_text
+from t2iedit.models import build_tiny_pipeline, get_preset, load_pipeline, load_text_encoder
+from tasks._common import STAMP_CACHE, run_once
+
+PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
+METRICS_JSON, TABLE_MD, CATEGORIES_CSV = "metrics.json", "table.md", "categories.csv"
+
+
+def model_source(preset: str, seed: int, models_dir: Path) -> tuple[str, str | None]:
+    """(source, revision): the preset's hub id, or its tiny pipeline built once under ``models_dir``."""
+    p = get_preset(preset)
+    if not p.tiny:
+        return p.repo_id, p.revision
+    folder = models_dir / f"tiny-seed{seed}"
+    if not (folder / "model_index.json").exists():
+        build_tiny_pipeline(folder, seed=seed)
+    return str(folder), None
+
+
+@task(cache_policy=STAMP_CACHE)
+def generate_batch(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
+                   artifact: Path | None, items: list[tuple[str, int]], image_root: Path,
+                   model_hash: str, sampling: dict[str, Any], batch_size: int) -> Path:
+    """Images of one batch of (prompt, seed) under ``image_root``; ``out`` = the batch's index."""
+    def produce(path: Path) -> None:
+        pipe = load_pipeline(source, revision)
+        if artifact is None:
+            index = generate_images(pipe, items, image_root, model_hash, SamplingConfig(**sampling),
+                                    batch_size=batch_size)
+        else:
+            from t2iedit.edit import EditArtifact, edited
+
+            parts = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
+            with edited(parts, EditArtifact.load(artifact), preset, revision):
+                index = generate_images(pipe, items, image_root, model_hash,
+                                        SamplingConfig(**sampling), batch_size=batch_size)
+        write_index(path, [index])
+
+    return run_once(out, fingerprint, produce)
+
+
+@task(cache_policy=STAMP_CACHE)
+def merge_index(out: Path, fingerprint: str, batches: list[Path]) -> Path:
+    return run_once(out, fingerprint, lambda path: write_index(path, [read_index(b) for b in batches]))
+
+
+@task(cache_policy=STAMP_CACHE)
+def score_method(out: Path, fingerprint: str, method: str, prompt_column: str, eval_prompts: Path,
+                 index: Path, image_root: Path, clip_source: str, clip_revision: str | None,
+                 sigma: str, batch_size: int) -> Path:
+    """``out``/per_image.parquet and summary.json (``{test: metrics.summarize}``) of one method."""
+    from t2iedit.clip_eval import ClipEncoder
+
+    def produce(folder: Path) -> None:
+        ep = read_parquet(eval_prompts).to_pandas()
+        rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
+                                 read_index(index).to_pandas(), image_root, method,
+                                 prompt_column=prompt_column, sigma=sigma, batch_size=batch_size)
+        write_parquet(folder / PER_IMAGE, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
+        write_json(folder / SUMMARY, {t: M.summarize(rows, f"{t}_success") for t in M.TESTS
+                                      if rows[f"{t}_success"].notna().any()})
+
+    return run_once(out, fingerprint, produce)
+
+
+@task(cache_policy=STAMP_CACHE)
+def text_space(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
+               artifact: Path, eval_prompts: Path) -> Path:
+    """Text-space metrics (no images): the edited vs frozen text encoder on the binary class texts."""
+    from t2iedit.edit import EditArtifact, edited
+
+    def produce(path: Path) -> None:
+        ep = read_parquet(eval_prompts).to_pandas()
+        ep = ep[ep["class_original"].notna() & ep["class_edited"].notna()].reset_index(drop=True)
+        if ep.empty:
+            write_json(path, {})
+            return
+        tok, te = load_text_encoder(source, revision)
+        feats = lambda texts: M.eos_features(tok, te, list(texts))  # noqa: E731
+        before, orig, edit = feats(ep["prompt"]), feats(ep["class_original"]), feats(ep["class_edited"])
+        with edited({"text_encoder": te}, EditArtifact.load(artifact), preset, revision):
+            after = feats(ep["prompt"])
+        rows = ep.assign(text_success=M.text_space_success(after, orig, edit, ep["category"].tolist()),
+                         drift=M.feature_drift(before, after))
+        write_json(path, M.summarize_text_space(rows))
+
+    return run_once(out, fingerprint, produce)
+
+
+@task(cache_policy=STAMP_CACHE)
+def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_space: Path | None,
+                  title: str) -> Path:
+    """``out``/metrics.json (for ``dvc metrics``: per method and test, category means and Score),
+    table.md (paper layout, one table per test) and categories.csv (for ``dvc plots``)."""
+    def produce(folder: Path) -> None:
+        results = {m: read_json(p / SUMMARY) for m, p in summaries.items()}
+        metrics: dict[str, Any] = {
+            m: {t: {**{c: round(v["mean"], 4) for c, v in r[t]["categories"].items()},
+                    "score": round(r[t]["score"]["mean"], 4)} for t in r}
+            for m, r in results.items()}
+        if text_space is not None:
+            metrics["text_space"] = read_json(text_space)
+        write_json(folder / METRICS_JSON, metrics)
+        md = [f"# {title}", ""]
+        frames = []
+        for test in M.TESTS:
+            sub = {m: r[test] for m, r in results.items() if test in r}
+            if sub:
+                md.append(M.markdown_table(sub, title=f"{test} test"))
+                frames.append(plots.category_data(sub).assign(test=test))
+        write_text(folder / TABLE_MD, "\n".join(md))
+        data = pd.concat(frames, ignore_index=True)
+        from t2iedit.io import atomic_path
+
+        with atomic_path(folder / CATEGORIES_CSV) as tmp:
+            data.to_csv(tmp, index=False)
+
+    return run_once(out, fingerprint, produce)
+
+
+@task(cache_policy=STAMP_CACHE)
+def write_report(out: Path, fingerprint: str, metrics_dir: Path, per_image: dict[str, Path],
+                 eval_prompts: Path, image_root: Path, n_grids: int, title: str) -> Path:
+    """``out``/categories.png (bars per method, binary test else threshold test) and
+    grids/<edit_id>.png: source prompt and a specificity prompt, unedited (before) vs edited (after)."""
+    def produce(folder: Path) -> None:
+        data = pd.read_csv(metrics_dir / CATEGORIES_CSV)
+        test = "binary" if (data["test"] == "binary").any() else "threshold"
+        plots.category_bars(data[data["test"] == test], folder / "categories.png", f"{title} ({test})")
+        if "unedited" in per_image and "edited" in per_image:
+            before = read_parquet(per_image["unedited"] / PER_IMAGE).to_pandas()
+            after = read_parquet(per_image["edited"] / PER_IMAGE).to_pandas()
+            ep = read_parquet(eval_prompts).to_pandas()
+            seed = int(before["seed"].min())
+            for edit_id in list(dict.fromkeys(ep["edit_id"]))[:n_grids]:
+                rows = []
+                for cat in ("efficacy", "specificity"):
+                    pick = ep[(ep["edit_id"] == edit_id) & (ep["category"] == cat)]
+                    if pick.empty:
+                        continue
+                    prompt = pick["prompt"].iloc[0]
+                    path = lambda df: df[(df["prompt"] == prompt) & (df["seed"] == seed)]["path"].iloc[0]  # noqa: E731
+                    rows.append((f"{cat}: {prompt}", load_image(image_root, path(before)),
+                                 load_image(image_root, path(after))))
+                if rows:
+                    plots.edit_grid(rows, folder / "grids" / f"{edit_id}.png", title=edit_id)
+
+    return run_once(out, fingerprint, produce)
