@@ -1,0 +1,131 @@
+"""Stage compare: every selected method on the prepared dataset, through the same generation and
+metrics, into one table in the layout of the paper's Tables 2/3 (docs/BASELINES.md).
+
+``python -m flows.compare`` (DVC stage ``compare``) reads params.yaml ``model`` and ``compare`` and the
+outputs of ``prepare_datasets``; writes data/compare/{stats.safetensors, edits/<method>/,
+eval/<method>/, images/, table/{table.md, table.parquet, table.png, metrics.json}}.
+Per-dataset settings are params (RoAD: ``dvc exp run -S compare.method_params.emcid.lam=6000.0
+-S compare.method_params.refact.layer=7``); each method's edit and evaluation are stamped
+separately, so changing one method's params reruns only that method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from pydantic import Field, field_validator
+
+from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
+from t2iedit.methods import METHODS, build_config, get_method
+from t2iedit.models import PRESETS
+from tasks._common import fingerprint
+from tasks.compare import (SUMMARY, TABLE_MD, edit_method, evaluate_method, model_source,
+                           shared_stats, write_table)
+
+DATASETS_DIR = Path("data/processed/datasets")
+CORPUS = Path("data/processed/corpus/corpus.parquet")
+OUT = Path("data/compare")
+TINY_CLIP = OUT / "models" / "tiny-clip"
+LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
+       "t2iedit.methods.time", "t2iedit.methods.refact", "t2iedit.methods.oracle",
+       "t2iedit.methods.compare", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
+       "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "tasks.compare"]
+EVAL_LIB = ["t2iedit.generate", "t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.edit", "tasks.compare"]
+
+
+class ModelParams(StageParams):
+    preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
+    seed: int = 0
+
+
+class SamplingParams(StageParams):
+    num_inference_steps: int | None = None  # None: the preset's (SD: 50, tiny: 4)
+    guidance_scale: float | None = None
+
+
+class CompareParams(StageParams):
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    sampling: SamplingParams = SamplingParams()
+    clip: str = "tiny"                     # tiny | a CLIP hub id / folder (paper: open_clip bigG)
+    clip_revision: str | None = None
+    projector_mode: Literal["absolute", "relative", "rank"] = "relative"
+    projector_value: float = 1.0e-2
+    batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown or not v:
+            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+        return v
+
+
+def sampling_config(p: CompareParams, preset: str) -> dict[str, Any]:
+    pre = PRESETS[preset]
+    return {"num_inference_steps": p.sampling.num_inference_steps or pre.num_inference_steps,
+            "guidance_scale": p.sampling.guidance_scale or pre.guidance_scale,
+            "height": pre.resolution, "width": pre.resolution}
+
+
+@flow(name="compare")
+def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
+    m = load_params("model", ModelParams, params_file)
+    p = load_params("compare", CompareParams, params_file)
+    out = Path(out_dir)
+    for name in p.method_params:
+        if name not in p.methods:
+            raise ValueError(f"compare.method_params has {name!r}, which is not in compare.methods")
+    configs = {name: build_config(get_method(name), p.method_params.get(name)) for name in p.methods}
+    source, revision = model_source(m.preset, m.seed, out / "models")
+    model_id = {"preset": m.preset, "seed": m.seed, "revision": revision}
+
+    preset = PRESETS[m.preset]
+    layers = sorted(set(preset.edit_layers) | {c.layer for c in configs.values() if hasattr(c, "layer")})
+    stats_fp = fingerprint("compare/stats", {"layers": layers, "mode": p.projector_mode,
+                                             "value": p.projector_value},
+                           inputs=[CORPUS], code=["t2iedit.keys", "t2iedit.projector", "tasks.compare"],
+                           extra=model_id)
+    stats = shared_stats(out / "stats.safetensors", stats_fp, m.preset, source, revision, CORPUS,
+                         layers, p.projector_mode, p.projector_value)
+
+    if p.clip == "tiny":
+        from t2iedit.clip_eval import build_tiny_clip
+
+        if not (TINY_CLIP / "config.json").exists():
+            build_tiny_clip(TINY_CLIP, image_size=preset.resolution)
+        clip_source = str(TINY_CLIP)
+    else:
+        clip_source = p.clip
+    sampling = sampling_config(p, m.preset)
+    edits, eval_prompts = DATASETS_DIR / "edits.parquet", DATASETS_DIR / "eval_prompts.parquet"
+    summaries = {}
+    for name in p.methods:
+        edit_fp = fingerprint(f"compare/edit/{name}", p.method_params.get(name, {}),
+                              inputs=[edits, stats], code=LIB, extra=model_id)
+        art = edit_method(out / "edits" / name, edit_fp, name, p.method_params.get(name, {}),
+                          m.preset, source, revision, edits, stats)
+        eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
+                                                       "clip": [p.clip, p.clip_revision]},
+                              inputs=[art, eval_prompts], code=EVAL_LIB, extra=model_id)
+        ev = evaluate_method(out / "eval" / name, eval_fp, name, m.preset, source, revision, art,
+                             eval_prompts, out / "images", p.seeds, sampling, clip_source,
+                             p.clip_revision, p.batch_size)
+        summaries[name] = ev / SUMMARY
+        logger().info("compare: %s done (%s)", name, ev)
+    table_fp = fingerprint("compare/table", {"methods": p.methods}, inputs=list(summaries.values()),
+                           code=["t2iedit.methods.compare", "t2iedit.metrics", "t2iedit.plots",
+                                 "tasks.compare"])
+    table = write_table(out / "table", table_fp, summaries,
+                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({m.preset})")
+    markdown_artifact("compare-table", (table / TABLE_MD).read_text(encoding="utf-8"),
+                      description="methods × categories, mean ± std over seeds")
+    return table
+
+
+if __name__ == "__main__":
+    run_stage(compare)

@@ -1,0 +1,146 @@
+"""Prefect tasks of the compare stage: shared statistics → one edit per method → images → metrics →
+one table. Every task takes its output path and fingerprint (STAMP_CACHE) and loads models inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from prefect import task
+
+from t2iedit import metrics as M
+from t2iedit import plots
+from t2iedit.edit import EditArtifact, edited
+from t2iedit.generate import SamplingConfig, generate_images, model_hash, write_index
+from t2iedit.io import load_tensors, read_json, read_parquet, save_tensors, write_json, write_parquet, write_text
+from t2iedit.keys import collect_second_moment
+from t2iedit.methods import Components, SharedStats, compute_edit, get_method
+from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column, requests_from_edits
+from t2iedit.models import PRESETS, TextEncoderAdapter, build_tiny_pipeline, load_pipeline
+from t2iedit.projector import null_space_projector
+from tasks._common import STAMP_CACHE, run_once
+
+STATS_FILE = "stats.safetensors"
+PER_IMAGE, SUMMARY, INDEX = "per_image.parquet", "summary.json", "index.parquet"
+TABLE_MD, TABLE_PARQUET, TABLE_PNG = "table.md", "table.parquet", "table.png"
+
+
+def model_source(preset: str, seed: int, models_dir: Path) -> tuple[str, str | None]:
+    """(source, revision) of the preset: the hub id, or the tiny pipeline built (once) under
+    ``models_dir`` from its seed."""
+    p = PRESETS[preset]
+    if not p.tiny:
+        return p.repo_id, p.revision
+    folder = models_dir / f"tiny-seed{seed}"
+    if not (folder / "model_index.json").exists():
+        build_tiny_pipeline(folder, seed=seed)
+    return str(folder), None
+
+
+def load_components(preset: str, source: str, revision: str | None) -> Components:
+    p = PRESETS[preset]
+    pipe = load_pipeline(source, revision)
+    return Components(pipe=pipe, adapter=TextEncoderAdapter(pipe.text_encoder, p.text_layer_template,
+                                                             p.text_block_template),
+                      base_model_id=preset, base_revision=revision, edit_layers=p.edit_layers,
+                      value_layer=p.value_layer)
+
+
+@task(cache_policy=STAMP_CACHE)
+def shared_stats(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
+                 corpus: Path, layers: list[int], projector_mode: str, projector_value: float) -> Path:
+    """C0 per layer over the corpus texts and the null-space projector of each: ``C0.<l>``, ``P.<l>``."""
+    def produce(path: Path) -> None:
+        comps = load_components(preset, source, revision)
+        texts = read_parquet(corpus).column("text").to_pylist()
+        moments = collect_second_moment(comps.adapter, comps.tokenizer, texts, layers, progress=False)
+        tensors, meta = {}, {}
+        for layer, m in moments.items():
+            C0 = m.moment()
+            proj = null_space_projector(C0, projector_mode, projector_value)
+            tensors[f"C0.{layer}"], tensors[f"P.{layer}"] = C0, proj.P
+            meta[str(layer)] = proj.metrics()
+        save_tensors(path, tensors, meta={"projectors": meta, "n_texts": len(texts)})
+
+    return run_once(out, fingerprint, produce, also=[Path(str(out) + ".json")])
+
+
+def load_stats(path: Path) -> SharedStats:
+    t = load_tensors(path)
+    layer = lambda k: int(k.split(".")[1])  # noqa: E731
+    return SharedStats(moments={layer(k): v for k, v in t.items() if k.startswith("C0.")},
+                       projectors={layer(k): v for k, v in t.items() if k.startswith("P.")})
+
+
+@task(cache_policy=STAMP_CACHE)
+def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any], preset: str,
+                source: str, revision: str | None, edits: Path, stats: Path) -> Path:
+    """The method's EditArtifact for every single edit of the dataset (folder ``out``)."""
+    def produce(folder: Path) -> None:
+        torch.manual_seed(0)  # nothing should draw from the global RNG; pin it anyway
+        comps = load_components(preset, source, revision)
+        requests = requests_from_edits(read_parquet(edits).to_pandas())
+        compute_edit(method, requests, load_stats(stats), comps, params).save(folder)
+
+    return run_once(out, fingerprint, produce)
+
+
+@task(cache_policy=STAMP_CACHE)
+def evaluate_method(out: Path, fingerprint: str, method: str, preset: str, source: str,
+                    revision: str | None, artifact: Path, eval_prompts: Path, image_root: Path,
+                    seeds: list[int], sampling: dict[str, Any], clip_source: str,
+                    clip_revision: str | None, batch_size: int) -> Path:
+    """Generate the method's images (edit applied) and score them: ``out``/per_image.parquet,
+    summary.json (``{test: metrics.summarize}``), index.parquet."""
+    from t2iedit.clip_eval import ClipEncoder
+
+    def produce(folder: Path) -> None:
+        comps = load_components(preset, source, revision)
+        art = EditArtifact.load(artifact)
+        ep = read_parquet(eval_prompts).to_pandas()
+        col = prompt_column(get_method(method).oracle_prompts)
+        texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
+        mh = model_hash(source, revision, art.manifest.config_hash + method)
+        parts = {"text_encoder": comps.text_encoder, "unet": comps.unet}
+        with edited(parts, art, preset, revision):
+            index = generate_images(comps.pipe, [(t, s) for t in texts for s in seeds], image_root,
+                                    mh, SamplingConfig(**sampling), batch_size=batch_size,
+                                    progress=False)
+        index_df = read_parquet(write_index(folder / INDEX, [index])).to_pandas()
+        rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
+                                 index_df, image_root, method, prompt_column=col)
+        write_parquet(folder / PER_IMAGE, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
+        summary = {}
+        for test in M.TESTS:
+            if rows[f"{test}_success"].notna().any():
+                summary[test] = M.summarize(rows, f"{test}_success")
+        write_json(folder / SUMMARY, summary)
+
+    return run_once(out, fingerprint, produce)
+
+
+@task(cache_policy=STAMP_CACHE)
+def write_table(out: Path, fingerprint: str, summaries: dict[str, Path], title: str) -> Path:
+    """``out``/table.md (one Markdown table per test), table.parquet (:data:`COMPARISON_SCHEMA`),
+    table.png (grouped bars of the binary test, else the threshold test) and metrics.json."""
+    def produce(folder: Path) -> None:
+        results = {m: read_json(p) for m, p in summaries.items()}
+        tests = [t for t in M.TESTS if any(t in r for r in results.values())]
+        md = [f"# {title}", ""]
+        for test in tests:
+            md.append(M.markdown_table({m: r[test] for m, r in results.items() if test in r},
+                                       title=f"{test} test"))
+        write_text(folder / TABLE_MD, "\n".join(md))
+        write_parquet(folder / TABLE_PARQUET, comparison_table(results), COMPARISON_SCHEMA)
+        data = plots.category_data({m: r[tests[0]] for m, r in results.items() if tests[0] in r})
+        plots.category_bars(data, folder / TABLE_PNG, title=f"{title} ({tests[0]} test)")
+        write_json(folder / "metrics.json", {m: {t: {"score": r[t]["score"]["mean"]} for t in r}
+                                             for m, r in results.items()})
+
+    return run_once(out, fingerprint, produce)
+
+
+def table_frame(path: Path) -> pd.DataFrame:
+    return read_parquet(path / TABLE_PARQUET, COMPARISON_SCHEMA).to_pandas()

@@ -1,0 +1,87 @@
+"""The comparison flow on the tiny preset: all eight methods on two TIMED edits through the same
+generation and metrics, one table (Markdown + Parquet + plot); a rerun is served from the stamps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.compute as pc
+import torch
+import yaml
+
+from t2iedit.datasets import EVAL_PROMPTS_SCHEMA, EDITS_SCHEMA
+from t2iedit.datasets.benchmarks import load_timed
+from t2iedit.io import read_parquet, write_parquet
+from t2iedit.methods import METHODS
+from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, requests_from_edits
+
+ROOT = Path(__file__).parents[1]
+FAST = {"values": {"steps": 2, "log_every": 0}}
+
+
+def _tiny_dataset(folder: Path) -> None:
+    es = load_timed(ROOT / "data" / "raw")
+    ids = ["timed-test-000", "timed-test-001"]
+    edits = es.edits.filter(pc.is_in(es.edits["edit_id"], pa_array(ids)))
+    ep = es.eval_prompts.to_pandas()
+    ep = ep[ep["edit_id"].isin(ids) & ep["prompt_id"].str.endswith("/0")]  # 3 prompts per edit
+    write_parquet(folder / "data/processed/datasets/edits.parquet", edits, EDITS_SCHEMA)
+    write_parquet(folder / "data/processed/datasets/eval_prompts.parquet", ep, EVAL_PROMPTS_SCHEMA)
+    caps = pd.read_csv(ROOT / "data/raw/coco/coco_30k.csv", usecols=["prompt"], nrows=300)
+    from t2iedit.datasets import CORPUS_SCHEMA
+
+    write_parquet(folder / "data/processed/corpus/corpus.parquet",
+                  pd.DataFrame({"text": caps["prompt"], "source": "coco-30k",
+                                "source_id": caps.index.astype(str)}), CORPUS_SCHEMA)
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values)
+
+
+def test_requests_from_edits_and_table_layout():
+    es = load_timed(ROOT / "data" / "raw")
+    reqs = requests_from_edits(es.edits.to_pandas())
+    assert len(reqs) == 104 and reqs[0].source == "A banana" and reqs[0].entities == ()
+    summary = {"categories": {"efficacy": {"mean": 80.0, "std": 1.0},
+                              "specificity": {"mean": 20.0, "std": 0.0}},
+               "score": {"mean": 40.0, "std": 2.0}, "seeds": [0, 1]}
+    t = comparison_table({"ours": {"binary": summary}}).to_pandas()
+    assert t["category"].tolist() == ["Efficacy", "Specificity", "Score"]
+    assert t["n_seeds"].tolist() == [2, 2, 2]
+
+
+def test_compare_flow_on_tiny_preset(prefect_harness, tmp_path, monkeypatch):
+    from flows.compare import compare
+
+    torch.set_num_threads(1)
+    _tiny_dataset(tmp_path)
+    params = {
+        "model": {"preset": "tiny", "seed": 0},
+        "compare": {"methods": list(METHODS), "seeds": [0, 1], "batch_size": 6,
+                    "method_params": {"ours": FAST, "ours-no-projector": FAST, "ours-no-eata": FAST,
+                                      "ours-no-visual": FAST, "emcid": FAST,
+                                      "refact": {"layer": 3, "max_steps": 3}}},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    table = compare(params_file="params.yaml")
+    t = read_parquet(table / "table.parquet", COMPARISON_SCHEMA).to_pandas()
+    binary = t[t["test"] == "binary"]
+    assert set(binary["method"]) == set(METHODS)
+    assert set(binary["category"]) == {"Efficacy", "Generality", "Specificity", "Score"}
+    assert ((binary["mean"] >= 0) & (binary["mean"] <= 100)).all()
+    md = (table / "table.md").read_text()
+    for name in METHODS:
+        assert f"| {name} |" in md
+    assert (table / "table.png").read_bytes()[:4] == b"\x89PNG"
+    # oracle changes nothing but is generated from the oracle prompts; TIME edits only the UNet
+    assert (tmp_path / "data/compare/edits/oracle/manifest.json").exists()
+    # a rerun recomputes nothing (every output is stamped)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data/compare").rglob("*") if p.is_file()}
+    compare(params_file="params.yaml")
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after
