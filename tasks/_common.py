@@ -38,8 +38,9 @@ from prefect.context import TaskRunContext
 from t2iedit.io import file_sha256, read_json, stable_hash, tree_sha256, write_json
 
 FINGERPRINT_VERSION = 1  # bump when the fingerprint recipe itself changes
-STAMP_SUFFIX = ".stamp.json"  # file output  x.parquet -> x.parquet.stamp.json (sibling)
-DIR_STAMP_NAME = "_stamp.json"  # folder output  out/ -> out/_stamp.json (inside, travels with DVC outs)
+STAMP_SUFFIX = ".stamp"  # file output  x.parquet -> x.parquet.stamp (sibling)
+DIR_STAMP_NAME = "_dir.stamp"  # folder output  out/ -> out/_dir.stamp (inside, travels with DVC outs)
+# (not *.json: a consumer globbing "*.json" must never pick up a stamp)
 
 PathLike = str | os.PathLike
 

@@ -96,7 +96,7 @@ def test_stamp_detects_deleted_modified_and_foreign_outputs(tmp_path):
     out.mkdir()
     write_text(out / "m.safetensors", "w")
     write_json(out / "sub" / "n.json", {"n": 1})
-    stamp = finish(out, "fp1") / "_stamp.json"
+    stamp = finish(out, "fp1") / "_dir.stamp"
     assert stamp == stamp_for(out) and stamp.is_file()
     assert outputs_valid(stamp, "fp1") and is_done(out, "fp1")
     assert not outputs_valid(stamp, "fp2")
@@ -114,7 +114,7 @@ def test_stamp_detects_deleted_modified_and_foreign_outputs(tmp_path):
 
 def test_file_stamp_lives_beside_and_covers_sidecars(tmp_path):
     out, side = tmp_path / "d.safetensors", tmp_path / "d.safetensors.json"
-    assert stamp_for(out) == tmp_path / "d.safetensors.stamp.json"
+    assert stamp_for(out) == tmp_path / "d.safetensors.stamp"
     out.write_bytes(b"t")
     side.write_text("{}")
     finish(out, "fp", also=[side])
@@ -122,7 +122,7 @@ def test_file_stamp_lives_beside_and_covers_sidecars(tmp_path):
     side.write_text('{"changed": 1}')
     assert not is_done(out, "fp")
     with pytest.raises(FileNotFoundError):
-        write_stamp(tmp_path / "s.stamp.json", "fp", [tmp_path / "never-written"])
+        write_stamp(tmp_path / "s.stamp", "fp", [tmp_path / "never-written"])
 
 
 def test_run_once_computes_once_and_recomputes_stale(tmp_path):
@@ -163,9 +163,9 @@ def test_prune_removes_outputs_of_older_runs(tmp_path):
         keep.append(p)
     (tmp_path / "b0.png.json").write_text("{}")
     (tmp_path / "b9.png").write_bytes(b"old")
-    (tmp_path / "b9.png.stamp.json").write_text("{}")
+    (tmp_path / "b9.png.stamp").write_text("{}")
     removed = prune(tmp_path, keep=keep[:2])
-    assert sorted(p.name for p in removed) == ["b2.png", "b2.png.stamp.json", "b9.png", "b9.png.stamp.json"]
+    assert sorted(p.name for p in removed) == ["b2.png", "b2.png.stamp", "b9.png", "b9.png.stamp"]
     assert all(is_done(p, f"fp{i}") for i, p in enumerate(keep[:2]))
 
 

@@ -65,7 +65,7 @@ def test_killed_run_resumes_only_unfinished_items(prefect_harness, tmp_path, mon
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert _computed(tmp_path) == [0, 1, 2, 3]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{i}.txt{s}" for i in range(3) for s in ("", ".stamp.json")]  # item 3 left nothing behind
+        f"{i}.txt{s}" for i in range(3) for s in ("", ".stamp")]  # item 3 left nothing behind
 
     monkeypatch.chdir(tmp_path)
     spec = importlib.util.spec_from_file_location("toy_stage", tmp_path / "toy_stage.py")
