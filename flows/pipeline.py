@@ -28,6 +28,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("generate", "flows.generate"),
     ("metrics", "flows.metrics"),
     ("report", "flows.report"),
+    ("compare", "flows.compare"),
 )
 
 
