@@ -307,6 +307,10 @@ class ContinualState:
         """Number of accumulated keys per layer (rows of ``K_p``)."""
         return {layer: int(K.shape[0]) for layer, K in self.prior_keys().items()}
 
+    def files(self, edit_id: str) -> dict[str, str]:
+        """sha256 of each file of an applied batch's folder (empty for an in-memory state)."""
+        return dict(self._hashes.get(self.batch(edit_id).edit_id, {}))
+
     def module_keys(self) -> list[str]:
         return sorted({k for b in self.batches for k in b.artifact.deltas})
 
