@@ -53,12 +53,13 @@ start_prefect_server() {
     kill "$server_pid" 2>/dev/null
     server_pid=""
 }
-if [ -z "${PREFECT_API_URL:-}" ] && [ "${CI_PREFECT_SERVER:-1}" != 0 ] && grep -q "cmd:" dvc.yaml; then
-    start_prefect_server
-fi
-
 # Outputs recorded in dvc.lock come back from the cache (missing objects are fine: repro makes them).
 dvc checkout --allow-missing >/dev/null 2>&1 || true
+
+# A server only pays off when some stage will run (`dvc status -q` exits non-zero then).
+if [ -z "${PREFECT_API_URL:-}" ] && [ "${CI_PREFECT_SERVER:-1}" != 0 ] && ! dvc status -q >/dev/null 2>&1; then
+    start_prefect_server
+fi
 
 start=$(date +%s)
 dvc repro 2>&1 | tee "$log"
