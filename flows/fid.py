@@ -1,0 +1,107 @@
+"""Stage fid: image quality of the edited model — FID-5K against COCO val2014 and the CLIP score.
+
+``python -m flows.fid`` (DVC stage ``fid`` in pipelines/fid/dvc.yaml, outside the default
+``dvc repro``: it needs the real COCO images and the Inception weights, which the offline set-up does
+not have) reads params.yaml ``model`` and ``fid``, data/raw/coco/coco_30k.csv (the first
+``fid.n_captions`` captions with their ``evaluation_seed``; METHOD.md §8) and, for ``fid.method:
+edited``, the edit stage's artifact data/edit/artifact. It checks the reference images
+(``fid.coco_images``) and Inception weights (``fid.inception_weights``) first, then generates one image
+per caption through the content-addressed generation cache (mapped, resumable batches) and writes
+data/eval/fid/{images/, batches/, index.parquet, metrics.json (FID, CLIP score), clip_scores.parquet}.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, unmapped
+from pydantic import Field
+
+from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage, table_artifact
+from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT, ModelParams
+from t2iedit.clip_eval import DEFAULT_CLIP_SCORE_MODEL
+from t2iedit.fid import FID_SUBSET_SIZE, fid_captions
+from t2iedit.generate import model_hash
+from t2iedit.io import read_json, tree_sha256
+from t2iedit.models import get_preset
+from tasks._common import fingerprint, item_fingerprint, prune
+from tasks.evaluate import generate_batch, merge_index, model_source
+from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, references_sha256,
+                       score_fid)
+
+COCO_CSV = Path("data/raw/coco/coco_30k.csv")
+FID_DIR = OUT / "fid"
+IMAGES, BATCHES, INDEX = FID_DIR / "images", FID_DIR / "batches", FID_DIR / "index.parquet"
+GENERATE_CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate"]
+SCORE_CODE = ["t2iedit.fid", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.io", "tasks.fid"]
+GENERATE_KEYS = {"method", "n_captions", "sampling", "batch_size", "task_batches"}
+
+
+class FidSampling(StageParams):
+    num_inference_steps: int | None = Field(default=None, ge=1)  # None: the preset's (SD 50, tiny 4)
+    guidance_scale: float = 7.5
+
+
+class FidParams(StageParams):
+    method: Literal["edited", "unedited"] = "edited"  # edited: data/edit/artifact applied
+    n_captions: int = Field(default=FID_SUBSET_SIZE, ge=2)
+    coco_images: str | None = None        # folder of COCO_val2014_<id:012d>.jpg
+    inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
+    clip_score_model: str = DEFAULT_CLIP_SCORE_MODEL  # hub id or local folder
+    clip_score_revision: str | None = None
+    sampling: FidSampling = Field(default_factory=FidSampling)
+    batch_size: int = Field(default=8, ge=1)           # prompts per pipeline call
+    task_batches: int = Field(default=64, ge=1)        # images per mapped task (unit of resumption)
+    feature_batch_size: int = Field(default=50, ge=1)  # images per Inception / CLIP forward
+
+
+@flow(name="fid")
+def fid(params_file: str = PARAMS_FILE) -> Path:
+    m = load_params("model", ModelParams, params_file)
+    p = load_params("fid", FidParams, params_file)
+    log = logger()
+    caps = fid_captions(COCO_CSV, p.n_captions)
+    # Missing user inputs fail here, before hours of generation (never a skipped metric).
+    real = reference_images(p.coco_images, caps["coco_id"])
+    weights = inception_weights_file(p.inception_weights)
+
+    preset = get_preset(m.preset)
+    source, revision = model_source(m.preset, m.seed, MODELS_DIR)
+    artifact = EDIT_ARTIFACT if p.method == "edited" else None
+    base = {"preset": m.preset, "seed": m.seed, "source": None if preset.tiny else source,
+            "revision": revision}
+    sampling = {"num_inference_steps": p.sampling.num_inference_steps or preset.num_inference_steps,
+                "guidance_scale": p.sampling.guidance_scale, "height": preset.resolution,
+                "width": preset.resolution}
+    gen_params = {"fid": p.model_dump(mode="json", include=GENERATE_KEYS), "model": m}
+    fp = fingerprint("fid/generate", gen_params, inputs=[COCO_CSV, *([artifact] if artifact else [])],
+                     code=GENERATE_CODE, extra=base)
+    mh = model_hash(tree_sha256(source) if preset.tiny else source, revision,
+                    tree_sha256(artifact) if artifact else None)
+    items = list(dict.fromkeys(zip(caps["prompt"], caps["evaluation_seed"].astype(int).tolist())))
+    chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
+    outs_b = [BATCHES / f"{i:05d}.parquet" for i in range(len(chunks))]
+    # `unmapped`: Prefect would map over the sampling dict's keys (any iterable argument is mapped).
+    futures = generate_batch.map(outs_b, [item_fingerprint(fp, c) for c in chunks], m.preset, source,
+                                 revision, artifact, chunks, IMAGES, mh, unmapped(sampling),
+                                 p.batch_size)
+    done = [f.result() for f in futures]
+    index = merge_index(INDEX, fp, done)
+    prune(BATCHES, keep=done)
+    log.info("fid: %d caption images in %d batches (model %s)", len(items), len(chunks), mh[:16])
+
+    fp = fingerprint("fid/score", {"fid": p, "model": m}, inputs=[COCO_CSV, index, weights],
+                     code=SCORE_CODE, extra={"real": references_sha256(real), "generated": fp})
+    out = score_fid(FID_DIR / METRICS_JSON, fp, COCO_CSV, p.n_captions, index, IMAGES, p.coco_images,
+                    str(weights), p.clip_score_model, p.clip_score_revision, preset.resolution,
+                    p.feature_batch_size)
+    result = read_json(out)
+    table_artifact("fid", [result], description="FID-5K and CLIP score")
+    log.info("FID %.3f, CLIP score %.3f over %d captions", result["fid"], result["clip_score"],
+             result["n_captions"])
+    return out
+
+
+if __name__ == "__main__":
+    run_stage(fid)
