@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Reproduce the pipeline in CI and summarise what moved, as Markdown.
 #
-#   scripts/ci_repro.sh [BASE_REV]
+#   scripts/ci_repro.sh [BASE_REV [TARGET...]]
 #
 # BASE_REV (default: $CI_BASE_REV, else HEAD): the revision params/metrics are compared against.
+# TARGET: stages to reproduce (with their upstream), passed to `dvc repro`; default: all.
 # Environment:
 #   DVC_CACHE_DIR   a DVC cache kept between CI runs (restored/saved by the CI's cache action); set as
 #                   this checkout's local cache dir (.dvc/config.local, untracked).
@@ -18,6 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 base="${1:-${CI_BASE_REV:-HEAD}}"
+targets=("${@:2}")
 log="${CI_REPRO_LOG:-$(mktemp -t dvc-repro.XXXXXX)}"
 summary="$(mktemp -t ci-summary.XXXXXX)"
 server_pid=""
@@ -57,12 +59,12 @@ start_prefect_server() {
 dvc checkout --allow-missing >/dev/null 2>&1 || true
 
 # A server only pays off when some stage will run (`dvc status -q` exits non-zero then).
-if [ -z "${PREFECT_API_URL:-}" ] && [ "${CI_PREFECT_SERVER:-1}" != 0 ] && ! dvc status -q >/dev/null 2>&1; then
+if [ -z "${PREFECT_API_URL:-}" ] && [ "${CI_PREFECT_SERVER:-1}" != 0 ] && ! dvc status -q "${targets[@]}" >/dev/null 2>&1; then
     start_prefect_server
 fi
 
 start=$(date +%s)
-dvc repro 2>&1 | tee "$log"
+dvc repro "${targets[@]}" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 elapsed=$(( $(date +%s) - start ))
 
