@@ -1,0 +1,50 @@
+"""Stage ner: named entities of the source prompts (METHOD.md §4).
+
+``python -m flows.ner`` (DVC stage ``ner``) reads params.yaml ``ner`` and the edit set
+(data/processed/datasets/edits.parquet); writes data/ner/entities.parquet (character spans, one row
+per entity, with its backend) and the DVC metrics data/ner/metrics.json (counts; recall against the
+dataset's ground-truth entities, exact span and article/case-insensitive, when the dataset has them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow
+from pydantic import Field
+
+from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
+from t2iedit.io import write_json
+from tasks._common import fingerprint
+from tasks.ner import extract_entities, ner_metrics
+
+EDITS = Path("data/processed/datasets/edits.parquet")
+OUT = Path("data/ner")
+ENTITIES, METRICS = OUT / "entities.parquet", OUT / "metrics.json"
+CODE = ["t2iedit.ner", "t2iedit.prompts", "t2iedit.io", "tasks.ner"]
+
+
+class NerParams(StageParams):
+    backend: Literal["hf", "dataset", "heuristic"] = "heuristic"
+    model: str = "dslim/bert-large-NER"    # hf backend: hub id or local folder (paper's tagger)
+    revision: str | None = None
+    aggregation: Literal["simple", "first", "average", "max"] = "simple"
+    min_score: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+@flow(name="ner")
+def ner(params_file: str = PARAMS_FILE) -> Path:
+    p = load_params("ner", NerParams, params_file)
+    extra = {"model": p.model, "revision": p.revision} if p.backend == "hf" else None
+    fp = fingerprint("ner", p, inputs=[EDITS], code=CODE, extra=extra)
+    out = extract_entities(ENTITIES, fp, EDITS, p.backend, p.model, p.revision, p.aggregation, p.min_score)
+    metrics = ner_metrics(out, EDITS, p.backend)
+    write_json(METRICS, metrics)
+    logger().info("ner (%s): %d entities in %d/%d edits; recall %s", p.backend, metrics["n_entities"],
+                  metrics["edits_with_entities"], metrics["n_edits"], metrics.get("recall"))
+    return out
+
+
+if __name__ == "__main__":
+    run_stage(ner)
