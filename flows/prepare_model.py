@@ -1,0 +1,38 @@
+"""Stage prepare_model: pin the model every later stage uses.
+
+``python -m flows.prepare_model`` (DVC stage ``prepare_model``) reads params.yaml ``model`` and writes
+data/models/lock.json (preset, source, revision, sha256 of every file) — plus the tiny preset's
+weights under data/models/tiny-seed<seed>/; a hub preset's weights live in the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow
+
+from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
+from tasks._common import fingerprint
+from tasks.model import LOCK_FILE, lock_model
+
+MODELS_DIR = Path("data/models")
+CODE = ["t2iedit.models", "t2iedit.io", "tasks.model"]
+
+
+class ModelParams(StageParams):
+    preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
+    seed: int = 0  # seed of the tiny model's weights (ignored by hub presets)
+
+
+@flow(name="prepare_model")
+def prepare_model(params_file: str = PARAMS_FILE) -> Path:
+    p = load_params("model", ModelParams, params_file)
+    fp = fingerprint("prepare_model", p, code=CODE)
+    lock = lock_model(MODELS_DIR / LOCK_FILE, fp, p.preset, p.seed)
+    logger().info("model %s locked in %s", p.preset, lock)
+    return lock
+
+
+if __name__ == "__main__":
+    run_stage(prepare_model)

@@ -1,0 +1,67 @@
+"""Prefect tasks of the prepare_model stage, and loading the locked model in later stages.
+
+The stage writes ``data/models/lock.json``: which model every later stage uses (preset, hub id or
+local folder, revision) and the sha256 of each of its files. The tiny preset's weights are built
+under ``data/models/tiny-seed<seed>/``; a hub preset's weights stay in the Hugging Face cache (the
+lock only pins and hashes them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from t2iedit.io import file_sha256, read_json, write_json
+from t2iedit.models import TextEncoderAdapter, build_tiny_pipeline, get_preset, load_text_encoder
+from tasks._common import STAMP_CACHE, run_once
+
+LOCK_FILE = "lock.json"
+# Files a Stable Diffusion pipeline needs (fp32 safetensors only; no .bin, fp16 or EMA copies).
+HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
+                "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+                "vae/diffusion_pytorch_model.safetensors"]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): file_sha256(p)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@task(cache_policy=STAMP_CACHE)
+def lock_model(out: Path, fingerprint: str, preset: str, seed: int) -> Path:
+    """Write the lock file ``out`` (building the tiny pipeline beside it, or resolving the hub
+    snapshot at the preset's pinned revision; ``HF_HUB_OFFLINE=1`` uses the cache only)."""
+    def produce(path: Path) -> None:
+        pre = get_preset(preset)
+        if pre.tiny:
+            folder = build_tiny_pipeline(tiny_folder[0], seed=seed)
+            source, revision = folder.as_posix(), None
+        else:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(pre.repo_id, revision=pre.revision, allow_patterns=HUB_PATTERNS))
+            source, revision = pre.repo_id, pre.revision
+        write_json(path, {
+            "preset": preset, "seed": seed if pre.tiny else None, "source": source, "revision": revision,
+            # the identity an EditArtifact records and is checked against (same as flows.generate)
+            "base_model_id": preset, "base_revision": revision,
+            "text_layer_template": pre.text_layer_template, "text_block_template": pre.text_block_template,
+            "edit_layers": list(pre.edit_layers), "value_layer": pre.value_layer,
+            "files": _hashes(folder),
+        })
+
+    tiny_folder = [out.parent / f"tiny-seed{seed}"] if get_preset(preset).tiny else []
+    return run_once(out, fingerprint, produce, also=tiny_folder)  # the stamp covers the tiny weights too
+
+
+def read_lock(models_dir: Path) -> dict[str, Any]:
+    return read_json(Path(models_dir) / LOCK_FILE)
+
+
+def load_locked_encoder(models_dir: Path) -> tuple[dict[str, Any], Any, TextEncoderAdapter]:
+    """(lock, tokenizer, adapter) of the locked model's text encoder, in eval mode on the CPU."""
+    lock = read_lock(models_dir)
+    tokenizer, model = load_text_encoder(lock["source"], lock["revision"])
+    return lock, tokenizer, TextEncoderAdapter(model, lock["text_layer_template"], lock["text_block_template"])
