@@ -29,6 +29,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+command -v dvc >/dev/null || { echo "ci_repro: dvc not found (activate the project's venv)" >&2; exit 127; }
+
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-90}"
 export DO_NOT_TRACK="${DO_NOT_TRACK:-1}"
@@ -78,7 +80,8 @@ restored="$(stage_list "^Stage '\([^']*\)' is cached")"
     echo "## dvc repro"
     echo
     if [ "$status" -ne 0 ]; then echo "**dvc repro failed (exit $status)** — see the log."; echo; fi
-    echo "- stages run: ${ran:-none (everything up to date)}"
+    if [ "$status" -eq 0 ]; then none="none (everything up to date)"; else none="none"; fi
+    echo "- stages run: ${ran:-$none}"
     echo "- restored from the run cache: ${restored:-none}"
     echo "- time: ${elapsed} s"
     echo

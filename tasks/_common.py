@@ -217,19 +217,24 @@ def run_once(out: PathLike, fingerprint: str, produce: Callable[[Path], Any],
 
 
 def prune(folder: PathLike, keep: Iterable[PathLike]) -> list[Path]:
-    """Delete files under ``folder`` not in ``keep`` (nor their stamps/sidecars); return what was deleted.
+    """Delete files under ``folder`` that are not in ``keep`` (with their stamps and ``.json``
+    sidecars, or inside a kept folder); return what was deleted.
 
     For item folders kept across runs (DVC ``persist: true``): items of an older fingerprint go away
     once the stage has finished, so the folder holds exactly this run's outputs.
     """
-    folder = Path(folder)
-    kept = {Path(k).resolve() for k in keep}
-    kept |= {stamp_for(k).resolve() for k in list(kept) if not Path(k).is_dir()}
-    kept |= {Path(str(k) + ".json") for k in list(kept)}  # t2iedit.io sidecars
+    kept_files: set[Path] = set()
+    kept_dirs: list[Path] = []
+    for k in map(Path, keep):
+        if k.is_dir():
+            kept_dirs.append(k.resolve())
+        else:
+            kept_files |= {k.resolve(), stamp_for(k).resolve(), Path(f"{k}.json").resolve()}
     removed = []
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.resolve() not in kept and p.name != DIR_STAMP_NAME \
-                and not any(p.resolve().is_relative_to(k) for k in kept if k.is_dir()):
+    for p in sorted(Path(folder).rglob("*")):
+        r = p.resolve()
+        if p.is_file() and p.name != DIR_STAMP_NAME and r not in kept_files \
+                and not any(r.is_relative_to(d) for d in kept_dirs):
             p.unlink()
             removed.append(p)
     return removed

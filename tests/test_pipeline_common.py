@@ -164,8 +164,11 @@ def test_prune_removes_outputs_of_older_runs(tmp_path):
     (tmp_path / "b0.png.json").write_text("{}")
     (tmp_path / "b9.png").write_bytes(b"old")
     (tmp_path / "b9.png.stamp").write_text("{}")
-    removed = prune(tmp_path, keep=keep[:2])
+    (tmp_path / "grid").mkdir()
+    (tmp_path / "grid" / "g.png").write_bytes(b"g")
+    removed = prune(tmp_path, keep=[*keep[:2], tmp_path / "grid"])
     assert sorted(p.name for p in removed) == ["b2.png", "b2.png.stamp", "b9.png", "b9.png.stamp"]
+    assert (tmp_path / "grid" / "g.png").is_file() and (tmp_path / "b0.png.json").is_file()
     assert all(is_done(p, f"fp{i}") for i, p in enumerate(keep[:2]))
 
 
