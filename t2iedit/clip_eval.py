@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,6 @@ class ClipEncoder:
                         torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         tokenizer_source: str | os.PathLike | None = None) -> "ClipEncoder":
         """Load a CLIP model from a hub id (pinned ``revision``) or a local folder."""
-        from transformers import CLIPModel, CLIPTokenizer
 
         from t2iedit.models import _hub_kwargs
 
@@ -115,7 +115,6 @@ def _pooled(out) -> torch.Tensor:
 def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 32) -> Path:
     """A tiny randomly initialised ``CLIPModel`` (real 49,408-token vocabulary, vendored tokenizer)
     saved with ``save_pretrained`` — the classifier of the tiny preset and of tests."""
-    from transformers import CLIPConfig, CLIPModel
 
     from t2iedit.models import load_tokenizer
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import CLIPTokenizer
 
 from t2iedit.datasets.conflicts import flag_other_sources
 from t2iedit.datasets.schema import EditSet, DatasetError, edits_table, eval_prompts_table, norm_text
@@ -23,7 +24,6 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip-tokeni
 
 def default_tokenizer() -> Any:
     """The vendored CLIP tokenizer (SD v1.x), loaded offline."""
-    from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
