@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, unmapped
+from prefect import flow
 from pydantic import Field
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage, table_artifact
@@ -82,11 +82,12 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     items = list(dict.fromkeys(zip(caps["prompt"], caps["evaluation_seed"].astype(int).tolist())))
     chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
     outs_b = [BATCHES / f"{i:05d}.parquet" for i in range(len(chunks))]
-    # `unmapped`: Prefect would map over the sampling dict's keys (any iterable argument is mapped).
-    futures = generate_batch.map(outs_b, [item_fingerprint(fp, c) for c in chunks], m.preset, source,
-                                 revision, artifact, chunks, IMAGES, mh, unmapped(sampling),
-                                 p.batch_size)
-    done = [f.result() for f in futures]
+    # One batch task at a time: concurrent pipeline loads (from_pretrained) in runner threads leak the
+    # meta-device initialisation into other threads ("Tensor on device meta" in later forwards). Each
+    # batch is still its own stamped task run, so a killed run resumes at the first unfinished batch.
+    done = [generate_batch(out_b, item_fingerprint(fp, chunk), m.preset, source, revision, artifact,
+                           chunk, IMAGES, mh, sampling, p.batch_size)
+            for out_b, chunk in zip(outs_b, chunks)]
     index = merge_index(INDEX, fp, done)
     prune(BATCHES, keep=done)
     log.info("fid: %d caption images in %d batches (model %s)", len(items), len(chunks), mh[:16])
