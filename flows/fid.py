@@ -82,9 +82,9 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     items = list(dict.fromkeys(zip(caps["prompt"], caps["evaluation_seed"].astype(int).tolist())))
     chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
     outs_b = [BATCHES / f"{i:05d}.parquet" for i in range(len(chunks))]
-    # One batch task at a time: concurrent pipeline loads (from_pretrained) in runner threads leak the
-    # meta-device initialisation into other threads ("Tensor on device meta" in later forwards). Each
-    # batch is still its own stamped task run, so a killed run resumes at the first unfinished batch.
+    # One batch task at a time: with concurrent pipeline loads in runner threads the later Inception
+    # forward failed here with "Tensor on device meta" (2026-11, before d459d1e's import fix; not
+    # re-checked since). Each batch is still its own stamped task run, so a killed run resumes.
     done = [generate_batch(out_b, item_fingerprint(fp, chunk), m.preset, source, revision, artifact,
                            chunk, IMAGES, mh, sampling, p.batch_size)
             for out_b, chunk in zip(outs_b, chunks)]
