@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow
+from prefect import flow, unmapped
 from pydantic import Field
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
@@ -79,8 +79,9 @@ def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
         chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
         outs_b = [BATCHES / method / f"{i:05d}.parquet" for i in range(len(chunks))]
         futures = generate_batch.map(
-            outs_b, [item_fingerprint(fp, c) for c in chunks], m.preset, source, revision, artifact,
-            chunks, IMAGES, mh, sampling, p.batch_size)
+            outs_b, [item_fingerprint(fp, c) for c in chunks], unmapped(m.preset), unmapped(source),
+            unmapped(revision), unmapped(artifact), chunks, unmapped(IMAGES), unmapped(mh),
+            unmapped(sampling), unmapped(p.batch_size))
         done = [f.result() for f in futures]
         batch_files += done
         outs[method] = merge_index(INDEX_DIR / f"{method}.parquet", fp, done)
