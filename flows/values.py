@@ -33,6 +33,7 @@ EDITS = Path("data/processed/datasets/edits.parquet")
 ENTITIES = Path("data/ner/entities.parquet")
 OUT = Path("data/values")
 BATCHES, LATENTS = OUT / "batches", OUT / "latents"
+LATENT_INDEX = LATENTS / "index.json"
 VALUES, METRICS = OUT / "values.safetensors", OUT / "metrics.json"
 CODE = ["t2iedit.values", "t2iedit.losses", "t2iedit.ner", "t2iedit.models", "t2iedit.prompts",
         "t2iedit.io", "tasks.values", "tasks.model"]
@@ -85,7 +86,10 @@ def values(params_file: str = PARAMS_FILE) -> Path:
                                      unmapped(MODELS_DIR), ids, prompts, unmapped(p.seed),
                                      unmapped(p.latent_images), unmapped(p.latent_steps))
         latents = [f.result() for f in futures]
-        prune(LATENTS, keep=latents)
+        prune(LATENTS, keep=[*latents, LATENT_INDEX])
+    # the folder always exists (a DVC output) and says which latents this run used; text-only runs
+    # keep earlier latents for a later visual run
+    write_json(LATENT_INDEX, {"files": [p.name for p in latents if p is not None]})
     outs = [BATCHES / f"batch_{i:05d}.safetensors" for i in range(len(batches))]
     items = [as_dicts(b) for b in batches]
     futures = values_batch.map(outs, [item_fingerprint(fp, it) for it in items], unmapped(MODELS_DIR), items,

@@ -15,6 +15,16 @@ optimised with (paper eq. 4–6)
   the full padded 77-token hidden states of the plain source prompt as Stable Diffusion encodes it;
 - terms are averaged over the templates (text, EATA) and the sampled latents (visual).
 
+With a causal encoder (CLIP) δ reaches only the edit token and the tokens after it, so EATA constrains
+an entity only through its tokens at or after the edit token: for CAKE the entity ends the source
+prompt ("The president of the United States"), its last token is the edit token; an entity before
+it ("The Titanic male lead") is untouched by δ and its term is exactly zero. A bidirectional encoder
+(BERT/MiniLM) moves every token, so there every entity token counts.
+
+Normalisation: text and EATA terms are squared L2 norms over the feature dimension (as written in the
+paper); L_V is the mean over latent elements (the diffusion training loss' convention), so λ does not
+depend on the resolution. The weight decay is scale-free (‖δ‖² / ‖z0‖²).
+
 The result for the editing core is z_i = z0_i + δ_i with z0_i = h_L(source)_i, the block output at the
 edit token of the plain source prompt ("{}" template), the value the closed-form solve writes.
 

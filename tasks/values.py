@@ -7,6 +7,7 @@ rounding), else the CPU.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ from t2iedit.values import (LOSS_SCHEMA, ValueConfig, ValueResult, VisualInputs,
                             value_meta, value_tensors)
 from tasks._common import STAMP_CACHE, run_once
 from tasks.model import load_locked_encoder, read_lock
+
+
+# Mapped tasks run in threads; transformers' lazy imports are not thread-safe (concurrent first
+# imports fail with "cannot import name 'AutoModel'"), so model loading is serialised.
+_LOAD_LOCK = threading.Lock()
 
 
 def device() -> torch.device:
@@ -56,7 +62,8 @@ def source_latents(out: Path, fingerprint: str, models_dir: Path, edit_ids: list
     """``out``: latents (n, K, C, H, W) of the unedited model's images of each source prompt (L_V)."""
     def produce(path: Path) -> None:
         lock = read_lock(models_dir)
-        pipe = load_pipeline(lock["source"], lock["revision"]).to(device())
+        with _LOAD_LOCK:
+            pipe = load_pipeline(lock["source"], lock["revision"]).to(device())
         steps = num_inference_steps
         if steps is None:
             from t2iedit.models import get_preset
@@ -82,7 +89,8 @@ def values_batch(out: Path, fingerprint: str, models_dir: Path, requests: list[d
             if latents is None:
                 raise ValueError("lambda_visual > 0 needs the source latents")
             lock = read_lock(models_dir)
-            pipe = load_pipeline(lock["source"], lock["revision"]).to(device())
+            with _LOAD_LOCK:
+                pipe = load_pipeline(lock["source"], lock["revision"]).to(device())
             adapter = TextEncoderAdapter(pipe.text_encoder, lock["text_layer_template"],
                                          lock["text_block_template"])
             tokenizer = pipe.tokenizer
@@ -91,7 +99,8 @@ def values_batch(out: Path, fingerprint: str, models_dir: Path, requests: list[d
                 raise ValueError(f"{latents} holds latents of other edits")
             visual = VisualInputs(pipe.unet, ddpm_scheduler_for(pipe), lat)
         else:
-            _, tokenizer, adapter = load_locked_encoder(models_dir)
+            with _LOAD_LOCK:
+                _, tokenizer, adapter = load_locked_encoder(models_dir)
             adapter.model.to(device())
         res = compute_target_values(tokenizer, adapter.model, adapter.block(value_layer), reqs, cfg,
                                     visual, value_layer)
