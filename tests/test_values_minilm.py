@@ -48,7 +48,7 @@ def _check(res, alphas):
 
 
 def test_minilm_edits_few_facts(bench):
-    res = bench.run(n_facts=8, steps=30, alphas=(0.11, 0.0), projector_options=(False,))
+    res = bench.run(n_facts=8, steps=30, alphas=(0.11, 0.0), projector_options=(False,), n_held_out=20)
     _check(res, (0.11, 0.0))
 
 
