@@ -24,7 +24,8 @@ log="${CI_REPRO_LOG:-$(mktemp -t dvc-repro.XXXXXX)}"
 summary="$(mktemp -t ci-summary.XXXXXX)"
 server_pid=""
 cleanup() {
-    if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; fi
+    # the server runs in its own process group: stop it with its uvicorn child
+    if [ -n "$server_pid" ]; then kill -- -"$server_pid" 2>/dev/null; wait "$server_pid" 2>/dev/null; fi
     rm -f "$summary"
 }
 trap cleanup EXIT
@@ -43,7 +44,7 @@ fi
 start_prefect_server() {
     local port
     port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    prefect server start --host 127.0.0.1 --port "$port" >"${log}.prefect" 2>&1 &
+    setsid prefect server start --host 127.0.0.1 --port "$port" >"${log}.prefect" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 180); do
         if python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:${port}/api/health', timeout=2)" 2>/dev/null; then
@@ -54,7 +55,7 @@ start_prefect_server() {
         sleep 0.5
     done
     echo "ci_repro: Prefect server did not start (see ${log}.prefect); stages use ephemeral servers" >&2
-    kill "$server_pid" 2>/dev/null
+    kill -- -"$server_pid" 2>/dev/null
     server_pid=""
 }
 # Outputs recorded in dvc.lock come back from the cache (missing objects are fine: repro makes them).
