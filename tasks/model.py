@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+# Resolve transformers' lazy attributes once, at import (main thread): mapped tasks load models from
+# several threads at once, and concurrent first look-ups of its lazy module raise ImportError.
+from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
 from t2iedit.io import file_sha256, read_json, write_json
 from t2iedit.models import TextEncoderAdapter, build_tiny_pipeline, get_preset, load_text_encoder

@@ -1,0 +1,180 @@
+"""Benchmark of the editing core at SD 1.4's text-encoder size (random weights, no download).
+
+    python bench/bench_core.py [--captions 256] [--batch-size 64] [--round-size 128] [--out ...]
+
+Measures, in one run on this machine:
+- key collection (second moments of fc2 inputs, layers 0..10) on COCO captions: our collector
+  (length-sorted batches padded to their longest prompt, forward stopped after layer 10) vs a naive one
+  (every prompt padded to 77, full 12-layer forward), both with the same float64 moment update and
+  producing the same moments; forward and moment-update time are reported separately;
+- the null-space projector of one layer (3072 × 3072 eigh, float64);
+- the closed-form solve (paper eq. 7) for 100 and 1,000 edits over 11 layers (projector excluded);
+- peak RSS.
+Not a test: numbers depend on the machine and its load (recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import t2iedit.keys as keys_mod  # noqa: E402
+from t2iedit.io import write_json  # noqa: E402
+from t2iedit.keys import SecondMoment, collect_second_moment  # noqa: E402
+from t2iedit.models import TextEncoderAdapter, load_tokenizer  # noqa: E402
+from t2iedit.projector import null_space_projector  # noqa: E402
+from t2iedit.solve import null_space_update  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO = ROOT.parent / "shared" / "data" / "coco" / "coco_30k.csv"
+LAYERS = list(range(11))  # EMCID's edited layers of SD 1.4 (value layer 10)
+
+# CLIP ViT-L/14 text encoder as configured in CompVis/stable-diffusion-v1-4/text_encoder/config.json
+SD14_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                        projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+class _TimedMoment(SecondMoment):
+    """SecondMoment that adds up the time spent in ``update`` (the moment-update share of a run)."""
+
+    seconds = 0.0
+
+    def update(self, keys):
+        start = time.perf_counter()
+        out = super().update(keys)
+        _TimedMoment.seconds += time.perf_counter() - start
+        return out
+
+
+def naive_collect(adapter, tokenizer, texts, layers, batch_size):
+    """The straightforward collector: pad every prompt to 77, run all 12 layers, mask padding."""
+    moments = {layer: _TimedMoment(adapter.layer(layer).in_features) for layer in layers}
+    with torch.inference_mode(), adapter.capture(layers) as rec:
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[s:s + batch_size], padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt")
+            adapter.run(**enc)
+            mask = enc["attention_mask"].bool()
+            for layer in layers:
+                moments[layer].update(rec["keys"][layer][mask])
+    return moments
+
+
+def timed(fn, *args, **kwargs):
+    _TimedMoment.seconds = 0.0
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    total = time.perf_counter() - start
+    return out, total, _TimedMoment.seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--captions", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--round-size", type=int, default=128, help="captions per interleaved round")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "core.json"))
+    args = ap.parse_args()
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(**SD14_TEXT_CONFIG)).eval()
+    adapter = TextEncoderAdapter(model)
+    tokenizer = load_tokenizer()
+    texts = pd.read_csv(COCO)["prompt"].astype(str).tolist()[: args.captions]
+    n_tokens = sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=77)["input_ids"])
+    result: dict = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "load_average_start": os.getloadavg()},
+        "model": "CLIPTextModel, SD 1.4 text-encoder config, random weights (seed 0)",
+    }
+
+    # ---- key collection: ours vs naive (same captions, same moment update) ----
+    # Interleaved rounds: this machine is shared, so both collectors run under the same load; each
+    # round's moments are merged (SecondMoment.merge), as workers' would be.
+    keys_mod.SecondMoment = _TimedMoment  # time the update inside our collector too
+    ours: dict = {}
+    naive: dict = {}
+    t_ours = t_naive = upd_ours = upd_naive = 0.0
+    padded_ours = 0
+    try:
+        for s in range(0, len(texts), args.round_size):
+            chunk = texts[s:s + args.round_size]
+            part, t, u = timed(collect_second_moment, adapter, tokenizer, chunk, LAYERS,
+                               batch_size=args.batch_size, progress=False)
+            t_ours, upd_ours = t_ours + t, upd_ours + u
+            ours = {l: ours[l].merge(part[l]) if l in ours else part[l] for l in LAYERS}
+            part, t, u = timed(naive_collect, adapter, tokenizer, chunk, LAYERS, args.batch_size)
+            t_naive, upd_naive = t_naive + t, upd_naive + u
+            naive = {l: naive[l].merge(part[l]) if l in naive else part[l] for l in LAYERS}
+            lengths = sorted(len(i) for i in tokenizer(chunk, truncation=True, max_length=77)["input_ids"])
+            padded_ours += sum(max(lengths[b:b + args.batch_size]) * len(lengths[b:b + args.batch_size])
+                               for b in range(0, len(lengths), args.batch_size))
+            print(f"round {s // args.round_size}: ours {t_ours:.1f} s, naive {t_naive:.1f} s", flush=True)
+    finally:
+        keys_mod.SecondMoment = SecondMoment
+    max_rel_diff = max(float((ours[l].moment() - naive[l].moment()).norm() / naive[l].moment().norm())
+                       for l in LAYERS)
+    assert all(ours[l].count == naive[l].count == n_tokens for l in LAYERS)
+    result["key_collection"] = {
+        "captions": len(texts), "tokens": n_tokens, "mean_tokens_per_caption": n_tokens / len(texts),
+        "layers": LAYERS, "batch_size": args.batch_size, "round_size": args.round_size,
+        "ours_s": t_ours, "naive_s": t_naive,
+        "ours_tokens_per_s": n_tokens / t_ours, "naive_tokens_per_s": n_tokens / t_naive,
+        "speedup_end_to_end": t_naive / t_ours,
+        "ours_moment_update_s": upd_ours, "naive_moment_update_s": upd_naive,
+        "ours_forward_s": t_ours - upd_ours, "naive_forward_s": t_naive - upd_naive,
+        "speedup_forward": (t_naive - upd_naive) / (t_ours - upd_ours),
+        # load-independent: token positions × transformer layers each collector pushes through the model
+        "forward_work_ratio": (len(texts) * 77 * 12) / (padded_ours * 11),
+        "max_relative_moment_difference": max_rel_diff,
+        "target": ">= 5x",
+    }
+    print(json.dumps(result["key_collection"], indent=1), flush=True)
+
+    # ---- projector of one layer (3072 x 3072 eigh, float64) ----
+    C0 = ours[LAYERS[-1]].moment()
+    start = time.perf_counter()
+    proj = null_space_projector(C0, "rank", 2048)
+    t_proj = time.perf_counter() - start
+    result["projector"] = {"dim": C0.shape[0], "seconds_per_layer": t_proj,
+                           "seconds_11_layers_estimate": 11 * t_proj}
+    print(json.dumps(result["projector"]), flush=True)
+
+    # ---- closed-form solve (eq. 7), 11 layers, projector excluded ----
+    g = torch.Generator().manual_seed(0)
+    result["solve"] = {}
+    for n in (100, 1000):
+        K1 = torch.rand(n, 3072, generator=g, dtype=torch.float64)  # fc2 inputs are mostly >= 0
+        R = torch.randn(n, 768, generator=g, dtype=torch.float64)
+        start = time.perf_counter()
+        for _layer in LAYERS:
+            delta = null_space_update(K1, R, proj.P)  # (768, 3072)
+        t = time.perf_counter() - start
+        result["solve"][str(n)] = {"edits": n, "layers": len(LAYERS), "seconds": t,
+                                   "form": "push_through (n < d_in)", "target": "< 60 s",
+                                   "delta_shape": list(delta.shape)}
+        print(json.dumps(result["solve"][str(n)]), flush=True)
+
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["machine"]["load_average_end"] = os.getloadavg()
+    write_json(args.out, result)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
