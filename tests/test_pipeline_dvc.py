@@ -241,7 +241,9 @@ def test_pipeline_order_matches_dvc_graph():
 
 @pytest.mark.parametrize("key, untouched", [
     ("values.alpha", {"prepare_model", "prepare_datasets", "statistics", "projector", "ner"}),
-    ("edit.method", {"statistics", "projector", "values"}),
+    ("edit.beta", {"prepare_model", "prepare_datasets", "statistics", "projector", "ner", "values"}),
+    ("generate.seeds", {"prepare_model", "prepare_datasets", "statistics", "projector", "values", "edit"}),
+    ("projector.value", {"prepare_model", "prepare_datasets", "statistics", "ner", "values"}),
 ])
 def test_param_closure_spares_upstream_stages(key, untouched):
     readers = stages_reading(key)
