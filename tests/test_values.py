@@ -131,6 +131,11 @@ def test_z0_is_block_output_and_z_is_z0_plus_delta(enc, requests):
             h = model(**ids, output_hidden_states=True).hidden_states[LAYER + 1][0]
         assert torch.allclose(res.z0[i], h[ids["input_ids"].shape[1] - 2], atol=1e-5)
     assert torch.equal(res.z, res.z0 + res.delta)
+    # the editing core measures h at the same place (its residual R = z − h starts at δ)
+    from t2iedit.keys import compute_hidden
+
+    h_core = compute_hidden(TextEncoderAdapter(model), tok, requests, LAYER)
+    assert torch.allclose(h_core.float(), res.z0, atol=1e-5)
 
 
 def test_text_only_lowers_loss_and_respects_clamp(enc, requests):

@@ -59,4 +59,4 @@ def test_minilm_edits_cake_with_projector(bench):
     r = _check(res, (0.11, 0.0))
     for a in ("0.11", "0"):
         assert r[f"alpha={a}, projector=yes"]["coco"] > r[f"alpha={a}, projector=no"]["coco"]
-        assert r[f"alpha={a}, projector=yes"]["coco"] > 0.98
+        assert r[f"alpha={a}, projector=yes"]["coco"] > 0.95
