@@ -28,7 +28,6 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("generate", "flows.generate"),
     ("metrics", "flows.metrics"),
     ("report", "flows.report"),
-    ("compare", "flows.compare"),
 )
 
 
