@@ -18,25 +18,14 @@ from t2iedit.io import load_tensors, read_json, read_parquet, save_tensors, writ
 from t2iedit.keys import collect_second_moment
 from t2iedit.methods import Components, SharedStats, compute_edit, get_method
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column, requests_from_edits
-from t2iedit.models import PRESETS, TextEncoderAdapter, build_tiny_pipeline, load_pipeline
+from t2iedit.models import PRESETS, TextEncoderAdapter, load_pipeline
 from t2iedit.projector import null_space_projector
 from tasks._common import STAMP_CACHE, run_once
+from tasks.evaluate import model_source
 
 STATS_FILE = "stats.safetensors"
 PER_IMAGE, SUMMARY, INDEX = "per_image.parquet", "summary.json", "index.parquet"
 TABLE_MD, TABLE_PARQUET, TABLE_PNG = "table.md", "table.parquet", "table.png"
-
-
-def model_source(preset: str, seed: int, models_dir: Path) -> tuple[str, str | None]:
-    """(source, revision) of the preset: the hub id, or the tiny pipeline built (once) under
-    ``models_dir`` from its seed."""
-    p = PRESETS[preset]
-    if not p.tiny:
-        return p.repo_id, p.revision
-    folder = models_dir / f"tiny-seed{seed}"
-    if not (folder / "model_index.json").exists():
-        build_tiny_pipeline(folder, seed=seed)
-    return str(folder), None
 
 
 def load_components(preset: str, source: str, revision: str | None) -> Components:
