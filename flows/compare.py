@@ -1,8 +1,8 @@
 """Stage compare: every selected method on the prepared dataset, through the same generation and
 metrics, into one table in the layout of the paper's Tables 2/3 (docs/BASELINES.md).
 
-``python -m flows.compare`` (DVC stage ``compare``) reads params.yaml ``model`` and ``compare`` and the
-outputs of ``prepare_datasets``; writes data/compare/{stats.safetensors, edits/<method>/,
+``python -m flows.compare`` (DVC stage ``compare``) reads params.yaml ``compare``, the locked model
+(data/models/lock.json) and the outputs of ``prepare_datasets`` and ``prepare_corpus``; writes data/compare/{stats.safetensors, edits/<method>/,
 eval/<method>/, images/, table/{table.md, table.parquet, table.png, metrics.json}}.
 Per-dataset settings are params (RoAD: ``dvc exp run -S compare.method_params.emcid.lam=6000.0
 -S compare.method_params.refact.layer=7``); each method's edit and evaluation are stamped
@@ -21,11 +21,12 @@ from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdow
 from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.models import PRESETS
 from tasks._common import fingerprint
-from tasks.compare import (SUMMARY, TABLE_MD, edit_method, evaluate_method, model_source,
-                           shared_stats, write_table)
+from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, shared_stats, write_table
+from tasks.model import lock_identity, read_lock
 
 DATASETS_DIR = Path("data/processed/datasets")
 CORPUS = Path("data/processed/corpus/corpus.parquet")
+MODELS_DIR = Path("data/models")
 OUT = Path("data/compare")
 TINY_CLIP = OUT / "models" / "tiny-clip"
 LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
@@ -33,11 +34,6 @@ LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2ied
        "t2iedit.methods.compare", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
        "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "tasks.compare"]
 EVAL_LIB = ["t2iedit.generate", "t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.edit", "tasks.compare"]
-
-
-class ModelParams(StageParams):
-    preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
-    seed: int = 0
 
 
 class SamplingParams(StageParams):
@@ -74,23 +70,24 @@ def sampling_config(p: CompareParams, preset: str) -> dict[str, Any]:
 
 @flow(name="compare")
 def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
-    m = load_params("model", ModelParams, params_file)
     p = load_params("compare", CompareParams, params_file)
     out = Path(out_dir)
     for name in p.method_params:
         if name not in p.methods:
             raise ValueError(f"compare.method_params has {name!r}, which is not in compare.methods")
     configs = {name: build_config(get_method(name), p.method_params.get(name)) for name in p.methods}
-    source, revision = model_source(m.preset, m.seed, out / "models")
-    model_id = {"preset": m.preset, "seed": m.seed, "revision": revision}
+    lock = read_lock(MODELS_DIR)
+    preset_name, source, revision = lock["preset"], lock["source"], lock["revision"]
+    identity = lock_identity(lock)
+    model_id = {"model": identity}
 
-    preset = PRESETS[m.preset]
+    preset = PRESETS[preset_name]
     layers = sorted(set(preset.edit_layers) | {c.layer for c in configs.values() if hasattr(c, "layer")})
     stats_fp = fingerprint("compare/stats", {"layers": layers, "mode": p.projector_mode,
                                              "value": p.projector_value},
                            inputs=[CORPUS], code=["t2iedit.keys", "t2iedit.projector", "tasks.compare"],
                            extra=model_id)
-    stats = shared_stats(out / "stats.safetensors", stats_fp, m.preset, source, revision, CORPUS,
+    stats = shared_stats(out / "stats.safetensors", stats_fp, preset_name, source, revision, CORPUS,
                          layers, p.projector_mode, p.projector_value)
 
     if p.clip == "tiny":
@@ -101,19 +98,19 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
         clip_source = str(TINY_CLIP)
     else:
         clip_source = p.clip
-    sampling = sampling_config(p, m.preset)
+    sampling = sampling_config(p, preset_name)
     edits, eval_prompts = DATASETS_DIR / "edits.parquet", DATASETS_DIR / "eval_prompts.parquet"
     summaries = {}
     for name in p.methods:
         edit_fp = fingerprint(f"compare/edit/{name}", p.method_params.get(name, {}),
                               inputs=[edits, stats], code=LIB, extra=model_id)
         art = edit_method(out / "edits" / name, edit_fp, name, p.method_params.get(name, {}),
-                          m.preset, source, revision, edits, stats)
+                          preset_name, source, revision, edits, stats)
         eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
                                                        "clip": [p.clip, p.clip_revision]},
                               inputs=[art, eval_prompts], code=EVAL_LIB, extra=model_id)
-        ev = evaluate_method(out / "eval" / name, eval_fp, name, m.preset, source, revision, art,
-                             eval_prompts, out / "images", p.seeds, sampling, clip_source,
+        ev = evaluate_method(out / "eval" / name, eval_fp, name, preset_name, source, revision, identity,
+                             art, eval_prompts, out / "images", p.seeds, sampling, clip_source,
                              p.clip_revision, p.batch_size)
         summaries[name] = ev / SUMMARY
         logger().info("compare: %s done (%s)", name, ev)
@@ -121,7 +118,7 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
                            code=["t2iedit.methods.compare", "t2iedit.metrics", "t2iedit.plots",
                                  "tasks.compare"])
     table = write_table(out / "table", table_fp, summaries,
-                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({m.preset})")
+                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({preset_name})")
     markdown_artifact("compare-table", (table / TABLE_MD).read_text(encoding="utf-8"),
                       description="methods × categories, mean ± std over seeds")
     return table

@@ -2,7 +2,7 @@
 
 ``python -m flows.fid`` (DVC stage ``fid`` in pipelines/fid/dvc.yaml, outside the default
 ``dvc repro``: it needs the real COCO images and the Inception weights, which the offline set-up does
-not have) reads params.yaml ``model`` and ``fid``, data/raw/coco/coco_30k.csv (the first
+not have) reads params.yaml ``fid``, the locked model (data/models/lock.json), data/raw/coco/coco_30k.csv (the first
 ``fid.n_captions`` captions with their ``evaluation_seed``; METHOD.md §8) and, for ``fid.method:
 edited``, the edit stage's artifact data/edit/artifact. It checks the reference images
 (``fid.coco_images``) and Inception weights (``fid.inception_weights``) first, then generates one image
@@ -19,21 +19,23 @@ from prefect import flow
 from pydantic import Field
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage, table_artifact
-from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT, ModelParams
+from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT
 from t2iedit.clip_eval import DEFAULT_CLIP_SCORE_MODEL
 from t2iedit.fid import FID_SUBSET_SIZE, fid_captions
 from t2iedit.generate import model_hash
 from t2iedit.io import read_json, tree_sha256
 from t2iedit.models import get_preset
 from tasks._common import fingerprint, item_fingerprint, prune
-from tasks.evaluate import generate_batch, merge_index, model_source
+from tasks.evaluate import generate_batch, merge_index
+from tasks.model import LOCK_FILE, lock_identity, read_lock
 from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, references_sha256,
                        score_fid)
 
 COCO_CSV = Path("data/raw/coco/coco_30k.csv")
 FID_DIR = OUT / "fid"
 IMAGES, BATCHES, INDEX = FID_DIR / "images", FID_DIR / "batches", FID_DIR / "index.parquet"
-GENERATE_CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate"]
+GENERATE_CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate",
+                 "tasks.model"]
 SCORE_CODE = ["t2iedit.fid", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.io", "tasks.fid"]
 GENERATE_KEYS = {"method", "n_captions", "sampling", "batch_size", "task_batches"}
 
@@ -58,7 +60,6 @@ class FidParams(StageParams):
 
 @flow(name="fid")
 def fid(params_file: str = PARAMS_FILE) -> Path:
-    m = load_params("model", ModelParams, params_file)
     p = load_params("fid", FidParams, params_file)
     log = logger()
     caps = fid_captions(COCO_CSV, p.n_captions)
@@ -66,33 +67,31 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     real = reference_images(p.coco_images, caps["coco_id"])
     weights = inception_weights_file(p.inception_weights)
 
-    preset = get_preset(m.preset)
-    source, revision = model_source(m.preset, m.seed, MODELS_DIR)
+    lock = read_lock(MODELS_DIR)
+    preset_name, source, revision = lock["preset"], lock["source"], lock["revision"]
+    preset = get_preset(preset_name)
     artifact = EDIT_ARTIFACT if p.method == "edited" else None
-    base = {"preset": m.preset, "seed": m.seed, "source": None if preset.tiny else source,
-            "revision": revision}
     sampling = {"num_inference_steps": p.sampling.num_inference_steps or preset.num_inference_steps,
                 "guidance_scale": p.sampling.guidance_scale, "height": preset.resolution,
                 "width": preset.resolution}
-    gen_params = {"fid": p.model_dump(mode="json", include=GENERATE_KEYS), "model": m}
-    fp = fingerprint("fid/generate", gen_params, inputs=[COCO_CSV, *([artifact] if artifact else [])],
-                     code=GENERATE_CODE, extra=base)
-    mh = model_hash(tree_sha256(source) if preset.tiny else source, revision,
-                    tree_sha256(artifact) if artifact else None)
+    fp = fingerprint("fid/generate", p.model_dump(mode="json", include=GENERATE_KEYS),
+                     inputs=[MODELS_DIR / LOCK_FILE, COCO_CSV, *([artifact] if artifact else [])],
+                     code=GENERATE_CODE)
+    mh = model_hash(lock_identity(lock), revision, tree_sha256(artifact) if artifact else None)
     items = list(dict.fromkeys(zip(caps["prompt"], caps["evaluation_seed"].astype(int).tolist())))
     chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
     outs_b = [BATCHES / f"{i:05d}.parquet" for i in range(len(chunks))]
     # One batch task at a time: with concurrent pipeline loads in runner threads the later Inception
     # forward failed here with "Tensor on device meta" (2026-11, before d459d1e's import fix; not
     # re-checked since). Each batch is still its own stamped task run, so a killed run resumes.
-    done = [generate_batch(out_b, item_fingerprint(fp, chunk), m.preset, source, revision, artifact,
+    done = [generate_batch(out_b, item_fingerprint(fp, chunk), preset_name, source, revision, artifact,
                            chunk, IMAGES, mh, sampling, p.batch_size)
             for out_b, chunk in zip(outs_b, chunks)]
     index = merge_index(INDEX, fp, done)
     prune(BATCHES, keep=done)
     log.info("fid: %d caption images in %d batches (model %s)", len(items), len(chunks), mh[:16])
 
-    fp = fingerprint("fid/score", {"fid": p, "model": m}, inputs=[COCO_CSV, index, weights],
+    fp = fingerprint("fid/score", p, inputs=[MODELS_DIR / LOCK_FILE, COCO_CSV, index, weights],
                      code=SCORE_CODE, extra={"real": references_sha256(real), "generated": fp})
     out = score_fid(FID_DIR / METRICS_JSON, fp, COCO_CSV, p.n_captions, index, IMAGES, p.coco_images,
                     str(weights), p.clip_score_model, p.clip_score_revision, preset.resolution,

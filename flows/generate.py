@@ -1,8 +1,8 @@
 """Stage generate: images of every evaluation prompt × seed for each evaluated model.
 
-``python -m flows.generate`` (DVC stage ``generate``) reads params.yaml ``model`` and ``generate``,
-data/processed/datasets/eval_prompts.parquet and, for the ``edited`` method, the edit stage's
-artifact folder data/edit/artifact (an ``EditArtifact``). Methods: ``edited`` (edit applied,
+``python -m flows.generate`` (DVC stage ``generate``) reads params.yaml ``generate``, the model that
+prepare_model locked (data/models/lock.json), data/processed/datasets/eval_prompts.parquet and, for
+the ``edited`` method, the edit stage's artifact folder data/edit/artifact (an ``EditArtifact``). Methods: ``edited`` (edit applied,
 evaluation prompts), ``unedited`` (evaluation prompts) and ``oracle`` (unedited, oracle prompts).
 Writes content-addressed PNGs under data/eval/images/ (persist: an image is never generated twice),
 one index per batch under data/eval/batches/ (mapped tasks: a killed run keeps finished batches) and
@@ -22,21 +22,18 @@ from t2iedit.generate import model_hash
 from t2iedit.io import read_parquet, tree_sha256
 from t2iedit.models import get_preset
 from tasks._common import fingerprint, item_fingerprint, prune
-from tasks.evaluate import generate_batch, merge_index, model_source
+from tasks.evaluate import generate_batch, merge_index
+from tasks.model import LOCK_FILE, lock_identity, read_lock
 
 EVAL_PROMPTS = Path("data/processed/datasets/eval_prompts.parquet")
 EDIT_ARTIFACT = Path("data/edit/artifact")
+MODELS_DIR = Path("data/models")  # prepare_model's lock (+ the tiny preset's weights)
 OUT = Path("data/eval")
-MODELS_DIR, IMAGES, BATCHES, INDEX_DIR = OUT / "models", OUT / "images", OUT / "batches", OUT / "index"
-CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate"]
+IMAGES, BATCHES, INDEX_DIR = OUT / "images", OUT / "batches", OUT / "index"
+CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate", "tasks.model"]
 PROMPT_COLUMN = {"edited": "prompt", "unedited": "prompt", "oracle": "oracle_prompt"}
 
 Method = Literal["edited", "unedited", "oracle"]
-
-
-class ModelParams(StageParams):
-    preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
-    seed: int = 0
 
 
 class GenerateParams(StageParams):
@@ -56,30 +53,26 @@ def sampling_for(preset: str, p: GenerateParams) -> dict:
 
 @flow(name="generate")
 def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
-    m = load_params("model", ModelParams, params_file)
     p = load_params("generate", GenerateParams, params_file)
     log = logger()
-    source, revision = model_source(m.preset, m.seed, MODELS_DIR)
-    base = {"preset": m.preset, "seed": m.seed, "source": source if not get_preset(m.preset).tiny else None,
-            "revision": revision}
-    sampling = sampling_for(m.preset, p)
+    lock = read_lock(MODELS_DIR)
+    preset, source, revision = lock["preset"], lock["source"], lock["revision"]
+    sampling = sampling_for(preset, p)
     ep = read_parquet(EVAL_PROMPTS).to_pandas()
-    base_id = tree_sha256(source) if get_preset(m.preset).tiny else source
     outs: dict[str, Path] = {}
     batch_files: list[Path] = []
     for method in p.methods:
         artifact = EDIT_ARTIFACT if method == "edited" else None
         inputs = [EVAL_PROMPTS, *([artifact] if artifact else [])]
-        fp = fingerprint(f"generate/{method}", {"generate": p, "model": m}, inputs=inputs, code=CODE,
-                         extra=base)
-        mh = model_hash(base_id, revision, tree_sha256(artifact) if artifact else None)
+        fp = fingerprint(f"generate/{method}", p, inputs=[MODELS_DIR / LOCK_FILE, *inputs], code=CODE)
+        mh = model_hash(lock_identity(lock), revision, tree_sha256(artifact) if artifact else None)
         col = PROMPT_COLUMN[method]
         texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
         items = list(dict.fromkeys((t, s) for t in texts for s in p.seeds))
         chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
         outs_b = [BATCHES / method / f"{i:05d}.parquet" for i in range(len(chunks))]
         futures = generate_batch.map(
-            outs_b, [item_fingerprint(fp, c) for c in chunks], unmapped(m.preset), unmapped(source),
+            outs_b, [item_fingerprint(fp, c) for c in chunks], unmapped(preset), unmapped(source),
             unmapped(revision), unmapped(artifact), chunks, unmapped(IMAGES), unmapped(mh),
             unmapped(sampling), unmapped(p.batch_size))
         done = [f.result() for f in futures]

@@ -1,13 +1,15 @@
 """Stage metrics: CLIP zero-shot tests of every generated image, summaries and text-space metrics.
 
-``python -m flows.metrics`` (DVC stage ``metrics``) reads params.yaml ``model``, ``generate.methods``
-and ``metrics``, the eval prompts, data/eval/index/ and data/eval/images/ (and data/edit/artifact for
-the text-space metrics); writes data/eval/metrics/<method>/{per_image.parquet, summary.json},
+``python -m flows.metrics`` (DVC stage ``metrics``) reads params.yaml ``generate.methods`` and
+``metrics``, the eval prompts, data/eval/index/ and data/eval/images/ (and, for the text-space
+metrics, data/edit/artifact and the locked model data/models/lock.json); the tiny preset's CLIP
+classifier is built, seeded, in a temporary folder; writes data/eval/metrics/<method>/{per_image.parquet, summary.json},
 text_space.json and summary/{metrics.json (dvc metrics), table.md (paper layout), categories.csv}.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from prefect import flow
@@ -15,13 +17,13 @@ from pydantic import Field
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
 from flows.generate import (EDIT_ARTIFACT, EVAL_PROMPTS, IMAGES, INDEX_DIR, MODELS_DIR, OUT,
-                            PROMPT_COLUMN, GenerateParams, ModelParams)
-from t2iedit.models import get_preset
+                            PROMPT_COLUMN, GenerateParams)
 from tasks._common import fingerprint
-from tasks.evaluate import TABLE_MD, model_source, score_method, text_space, write_metrics
+from tasks.evaluate import TABLE_MD, score_method, text_space, write_metrics
+from tasks.model import LOCK_FILE, read_lock
 
 METRICS_DIR = OUT / "metrics"
-TINY_CLIP = MODELS_DIR / "tiny-clip"
+TINY_CLIP_SEED = 0
 CODE = ["t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.plots", "tasks.evaluate"]
 
 
@@ -33,38 +35,37 @@ class MetricsParams(StageParams):
     title: str = "Evaluation"
 
 
-def clip_source(p: MetricsParams) -> str:
+def clip_source(p: MetricsParams, scratch: Path) -> str:
+    """The classifier: ``metrics.clip``, or for ``tiny`` the seeded tiny CLIP built under ``scratch``
+    (bit-identical every time; never a stage output, so no other stage's output changes)."""
     if p.clip != "tiny":
         return p.clip
     from t2iedit.clip_eval import build_tiny_clip
 
-    if not (TINY_CLIP / "config.json").exists():
-        build_tiny_clip(TINY_CLIP, seed=0)
-    return str(TINY_CLIP)
+    return str(build_tiny_clip(scratch / "tiny-clip", seed=TINY_CLIP_SEED))
 
 
 @flow(name="metrics")
 def metrics(params_file: str = PARAMS_FILE) -> Path:
-    m = load_params("model", ModelParams, params_file)
     g = load_params("generate", GenerateParams, params_file)
     p = load_params("metrics", MetricsParams, params_file)
-    clip = clip_source(p)
-    summaries = {}
-    for method in g.methods:
-        index = INDEX_DIR / f"{method}.parquet"
-        fp = fingerprint(f"metrics/{method}", p, inputs=[EVAL_PROMPTS, index], code=CODE,
-                         extra={"clip": p.clip if p.clip != "tiny" else "tiny-seed0"})
-        summaries[method] = score_method(METRICS_DIR / method, fp, method, PROMPT_COLUMN[method],
-                                         EVAL_PROMPTS, index, IMAGES, clip, p.clip_revision, p.sigma,
-                                         p.batch_size)
+    with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
+        clip = clip_source(p, Path(scratch))
+        summaries = {}
+        for method in g.methods:
+            index = INDEX_DIR / f"{method}.parquet"
+            fp = fingerprint(f"metrics/{method}", p, inputs=[EVAL_PROMPTS, index], code=CODE,
+                             extra={"clip": p.clip if p.clip != "tiny" else f"tiny-seed{TINY_CLIP_SEED}"})
+            summaries[method] = score_method(METRICS_DIR / method, fp, method, PROMPT_COLUMN[method],
+                                             EVAL_PROMPTS, index, IMAGES, clip, p.clip_revision, p.sigma,
+                                             p.batch_size)
     text = None
     if "edited" in g.methods:
-        source, revision = model_source(m.preset, m.seed, MODELS_DIR)
-        fp = fingerprint("metrics/text_space", m, inputs=[EVAL_PROMPTS, EDIT_ARTIFACT],
-                         code=["t2iedit.metrics", "t2iedit.edit", "tasks.evaluate"],
-                         extra=None if get_preset(m.preset).tiny else {"source": source, "revision": revision})
-        text = text_space(METRICS_DIR / "text_space.json", fp, m.preset, source, revision,
-                          EDIT_ARTIFACT, EVAL_PROMPTS)
+        lock = read_lock(MODELS_DIR)
+        fp = fingerprint("metrics/text_space", inputs=[MODELS_DIR / LOCK_FILE, EVAL_PROMPTS, EDIT_ARTIFACT],
+                         code=["t2iedit.metrics", "t2iedit.edit", "tasks.evaluate"])
+        text = text_space(METRICS_DIR / "text_space.json", fp, lock["preset"], lock["source"],
+                          lock["revision"], EDIT_ARTIFACT, EVAL_PROMPTS)
     fp = fingerprint("metrics/summary", {"title": p.title}, inputs=[*(s / "summary.json" for s in summaries.values()),
                                                                     *([text] if text else [])], code=CODE)
     out = write_metrics(METRICS_DIR / "summary", fp, summaries, text, p.title)

@@ -20,6 +20,7 @@ from flows._common import PARAMS_FILE, logger, make_task_runner, load_runner, ma
 STAGES: tuple[tuple[str, str], ...] = (
     ("prepare_model", "flows.prepare_model"),
     ("prepare_datasets", "flows.prepare_datasets"),
+    ("prepare_corpus", "flows.prepare_corpus"),
     ("statistics", "flows.statistics"),
     ("projector", "flows.projector"),
     ("ner", "flows.ner"),

@@ -1,8 +1,9 @@
-"""Stage prepare_datasets: verify the raw files, build the edit set and the preserved-key corpus.
+"""Stage prepare_datasets: verify the raw files and build the edit set.
 
 ``python -m flows.prepare_datasets`` (DVC stage ``prepare_datasets``) reads params.yaml ``datasets``
-and writes data/processed/datasets/{edits,eval_prompts}.parquet + report.{json,md} and
-data/processed/corpus/corpus.parquet.
+and writes data/processed/datasets/{edits,eval_prompts}.parquet + report.{json,md}. The preserved-key
+corpus is a stage of its own (``flows.prepare_corpus``), so changing the dataset never touches the
+statistics' inputs.
 """
 
 from __future__ import annotations
@@ -15,27 +16,14 @@ from pydantic import Field, model_validator
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
 from tasks._common import fingerprint
-from tasks.datasets import REPORT_MD, prepare_corpus, prepare_edit_set, verified_raw
+from tasks.datasets import REPORT_MD, prepare_edit_set, verified_raw
 
 RAW_DIR = Path("data/raw")
 MANIFEST = RAW_DIR / "MANIFEST.json"
 DOWNLOAD_DIR = Path("data/interim/raw")
 DATASETS_DIR = Path("data/processed/datasets")
-CORPUS_DIR = Path("data/processed/corpus")
-COCO_CSV = "coco/coco_30k.csv"
 TOKENIZER_DIR = Path("t2iedit/assets/clip-tokenizer")  # 77-token checks
 CODE = ["t2iedit.datasets", "t2iedit.io", "tasks.datasets"]
-
-
-class CorpusParams(StageParams):
-    source: Literal["coco", "hf"] = "coco"
-    size: int = Field(gt=0)
-    seed: int = 0
-    holdout_first: int = Field(default=5000, ge=0)  # COCO rows kept out (FID-5K captions)
-    hf_name: str = "wikitext"
-    hf_config: str | None = "wikitext-103-raw-v1"
-    hf_split: str = "train"
-    hf_text_field: str = "text"
 
 
 class DatasetsParams(StageParams):
@@ -45,7 +33,6 @@ class DatasetsParams(StageParams):
     max_edits: int | None = Field(default=None, ge=1)  # first N single edits (+ their CAKE composites)
     conflict_policy: Literal["keep_all", "keep_first", "drop_conflicting", "error"] = "keep_all"
     download: Literal["offline", "online", "auto"] = "offline"
-    corpus: CorpusParams
 
     @model_validator(mode="after")
     def _user_file_iff_user(self) -> "DatasetsParams":
@@ -55,7 +42,7 @@ class DatasetsParams(StageParams):
 
 
 @flow(name="prepare_datasets")
-def prepare_datasets(params_file: str = PARAMS_FILE) -> dict[str, Path]:
+def prepare_datasets(params_file: str = PARAMS_FILE) -> Path:
     p = load_params("datasets", DatasetsParams, params_file)
     raw = verified_raw(RAW_DIR, MANIFEST, p.download, DOWNLOAD_DIR)
     user_file = Path(p.user_file) if p.user_file else None
@@ -65,15 +52,10 @@ def prepare_datasets(params_file: str = PARAMS_FILE) -> dict[str, Path]:
                           inputs=[RAW_DIR, TOKENIZER_DIR, *([user_file] if user_file else [])], code=CODE)
     edit_set = prepare_edit_set(DATASETS_DIR, edit_fp, raw, p.name, p.split, user_file,
                                 p.conflict_policy, p.max_edits)
-    c = p.corpus
-    corpus_fp = fingerprint("prepare_datasets/corpus", c, inputs=[RAW_DIR / COCO_CSV] if c.source == "coco" else [],
-                            code=CODE)
-    hf = {"name": c.hf_name, "config": c.hf_config, "split": c.hf_split, "text_field": c.hf_text_field}
-    corpus = prepare_corpus(CORPUS_DIR, corpus_fp, raw / COCO_CSV, c.source, c.size, c.seed, c.holdout_first, hf)
     report = (edit_set / REPORT_MD).read_text(encoding="utf-8")
-    logger().info("prepared %s and %s", edit_set, corpus)
+    logger().info("prepared %s", edit_set)
     markdown_artifact("prepare-datasets-report", report, description="conflict policy report")
-    return {"datasets": edit_set, "corpus": corpus}
+    return edit_set
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.edit import EditArtifact, edited
 from t2iedit.generate import SamplingConfig, generate_images, model_hash, write_index
-from t2iedit.io import load_tensors, read_json, read_parquet, save_tensors, write_json, write_parquet, write_text
+from t2iedit.io import (load_tensors, read_json, read_parquet, save_tensors, tree_sha256, write_json,
+                        write_parquet, write_text)
 from t2iedit.keys import collect_second_moment
 from t2iedit.methods import Components, SharedStats, compute_edit, get_method
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column, requests_from_edits
 from t2iedit.models import PRESETS, TextEncoderAdapter, load_pipeline
 from t2iedit.projector import null_space_projector
 from tasks._common import STAMP_CACHE, run_once
-from tasks.evaluate import model_source
 
 STATS_FILE = "stats.safetensors"
 PER_IMAGE, SUMMARY, INDEX = "per_image.parquet", "summary.json", "index.parquet"
@@ -78,11 +78,12 @@ def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any]
 
 @task(cache_policy=STAMP_CACHE)
 def evaluate_method(out: Path, fingerprint: str, method: str, preset: str, source: str,
-                    revision: str | None, artifact: Path, eval_prompts: Path, image_root: Path,
+                    revision: str | None, model_id: str, artifact: Path, eval_prompts: Path, image_root: Path,
                     seeds: list[int], sampling: dict[str, Any], clip_source: str,
                     clip_revision: str | None, batch_size: int) -> Path:
     """Generate the method's images (edit applied) and score them: ``out``/per_image.parquet,
-    summary.json (``{test: metrics.summarize}``), index.parquet."""
+    summary.json (``{test: metrics.summarize}``), index.parquet. ``model_id``: the base weights'
+    content identity (``tasks.model.lock_identity``); images are keyed by it and the edit's content."""
     from t2iedit.clip_eval import ClipEncoder
 
     def produce(folder: Path) -> None:
@@ -91,7 +92,7 @@ def evaluate_method(out: Path, fingerprint: str, method: str, preset: str, sourc
         ep = read_parquet(eval_prompts).to_pandas()
         col = prompt_column(get_method(method).oracle_prompts)
         texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
-        mh = model_hash(source, revision, art.manifest.config_hash + method)
+        mh = model_hash(model_id, revision, tree_sha256(artifact))
         parts = {"text_encoder": comps.text_encoder, "unet": comps.unet}
         with edited(parts, art, preset, revision):
             index = generate_images(comps.pipe, [(t, s) for t in texts for s in seeds], image_root,

@@ -1,4 +1,5 @@
-"""Prefect tasks of the prepare_datasets stage: verified raw files -> edit set + preserved-key corpus."""
+"""Prefect tasks of the prepare_datasets and prepare_corpus stages: verified raw files -> edit set,
+preserved-key corpus."""
 
 from __future__ import annotations
 
@@ -17,9 +18,16 @@ CORPUS_FILE = "corpus.parquet"
 
 
 @task(cache_policy=NO_CACHE)  # hashing ~5 MB is cheaper than any cache lookup; must run every time
-def verified_raw(raw_dir: Path, manifest: Path, mode: str, download_dir: Path) -> Path:
-    """The folder of sha256-verified raw files: ``raw_dir`` itself offline, else a fresh download."""
+def verified_raw(raw_dir: Path, manifest: Path, mode: str, download_dir: Path,
+                 only: list[str] | None = None) -> Path:
+    """The folder of sha256-verified raw files: ``raw_dir`` itself offline, else a fresh download.
+    ``only``: the manifest paths to verify/fetch (default: all)."""
     files = ds.read_manifest(manifest)
+    if only is not None:
+        missing = sorted(set(only) - {f.path for f in files})
+        if missing:
+            raise ds.DatasetError(f"{manifest}: no entry for {missing}")
+        files = [f for f in files if f.path in only]
     if mode == "offline":
         ds.verify_raw(raw_dir, files)
         return raw_dir

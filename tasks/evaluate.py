@@ -17,22 +17,11 @@ from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.generate import SamplingConfig, generate_images, load_image, read_index, write_index
 from t2iedit.io import read_json, read_parquet, write_json, write_parquet, write_text
-from t2iedit.models import build_tiny_pipeline, get_preset, load_pipeline, load_text_encoder
+from t2iedit.models import load_pipeline, load_text_encoder
 from tasks._common import STAMP_CACHE, run_once
 
 PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
 METRICS_JSON, TABLE_MD, CATEGORIES_CSV = "metrics.json", "table.md", "categories.csv"
-
-
-def model_source(preset: str, seed: int, models_dir: Path) -> tuple[str, str | None]:
-    """(source, revision): the preset's hub id, or its tiny pipeline built once under ``models_dir``."""
-    p = get_preset(preset)
-    if not p.tiny:
-        return p.repo_id, p.revision
-    folder = models_dir / f"tiny-seed{seed}"
-    if not (folder / "model_index.json").exists():
-        build_tiny_pipeline(folder, seed=seed)
-    return str(folder), None
 
 
 @task(cache_policy=STAMP_CACHE)

@@ -16,7 +16,7 @@ from prefect import task
 # several threads at once, and concurrent first look-ups of its lazy module raise ImportError.
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-from t2iedit.io import file_sha256, read_json, write_json
+from t2iedit.io import file_sha256, read_json, stable_hash, write_json
 from t2iedit.models import TextEncoderAdapter, build_tiny_pipeline, get_preset, load_text_encoder
 from tasks._common import STAMP_CACHE, run_once
 
@@ -61,6 +61,12 @@ def lock_model(out: Path, fingerprint: str, preset: str, seed: int) -> Path:
 
 def read_lock(models_dir: Path) -> dict[str, Any]:
     return read_json(Path(models_dir) / LOCK_FILE)
+
+
+def lock_identity(lock: dict[str, Any]) -> str:
+    """Content identity of the locked weights (the sha256 of every file; equal locks, equal models):
+    what generated images are keyed by, whatever folder or hub cache the files live in."""
+    return stable_hash({"preset": lock["preset"], "revision": lock["revision"], "files": lock["files"]})
 
 
 def load_locked_encoder(models_dir: Path) -> tuple[dict[str, Any], Any, TextEncoderAdapter]:

@@ -454,13 +454,37 @@ def test_prepare_tasks_write_and_reuse(tmp_path):
     assert pa.parquet.read_table(corpus / "corpus.parquet").num_rows == 50
 
 
+def test_verified_raw_checks_only_the_listed_files(tmp_path):
+    """The corpus stage verifies just the COCO captions: other raw files need not exist, a tampered
+    or unlisted one is an error naming it."""
+    from tasks.datasets import verified_raw
+
+    raw = tmp_path / "raw"
+    (raw / "coco").mkdir(parents=True)
+    shutil.copy2(RAW / "coco/coco_30k.csv", raw / "coco/coco_30k.csv")
+    assert verified_raw.fn(raw, MANIFEST, "offline", tmp_path / "dl", only=["coco/coco_30k.csv"]) == raw
+    with pytest.raises(DatasetError, match="TIMED"):
+        verified_raw.fn(raw, MANIFEST, "offline", tmp_path / "dl")  # everything: the rest is missing
+    with pytest.raises(DatasetError, match=r"no entry for \['coco/other.csv'\]"):
+        verified_raw.fn(raw, MANIFEST, "offline", tmp_path / "dl", only=["coco/other.csv"])
+    with (raw / "coco/coco_30k.csv").open("a") as f:
+        f.write("tampered,row\n")
+    with pytest.raises(DatasetError, match=r"coco/coco_30k.csv: sha256 mismatch"):
+        verified_raw.fn(raw, MANIFEST, "offline", tmp_path / "dl", only=["coco/coco_30k.csv"])
+
+
 def test_stage_params_validation():
     import yaml
     from flows.prepare_datasets import DatasetsParams
 
-    section = yaml.safe_load((RAW.parents[1] / "params.yaml").read_text())["datasets"]
-    p = DatasetsParams.model_validate(section)
-    assert p.corpus.size > 0
+    from flows.prepare_corpus import CorpusParams
+
+    params = yaml.safe_load((RAW.parents[1] / "params.yaml").read_text())
+    section = params["datasets"]
+    DatasetsParams.model_validate(section)
+    assert CorpusParams.model_validate(params["corpus"]).size > 0
+    with pytest.raises(ValueError):
+        DatasetsParams.model_validate({**section, "corpus": params["corpus"]})  # its own stage now
     with pytest.raises(ValueError, match="user_file"):
         DatasetsParams.model_validate({**section, "name": "user"})
     with pytest.raises(ValueError):

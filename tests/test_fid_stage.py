@@ -133,8 +133,7 @@ def test_fid_task_errors_name_the_params_key(generated, tmp_path):
 
 def _params(tmp_path: Path, **fid) -> str:
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump({"model": {"preset": "tiny", "seed": 0},
-                                    "fid": {"n_captions": N, **fid}}))
+    path.write_text(yaml.safe_dump({"fid": {"n_captions": N, **fid}}))
     return str(path)
 
 
@@ -173,7 +172,7 @@ def test_dvc_stage_declares_its_code_and_stays_out_of_the_default_repro():
     missing = sorted(str(p) for p in project_imports("flows.fid") - NOT_DEPS if not _covered(p, deps))
     assert not missing, f"fid deps must list the code it imports: {missing}"
     assert all((REPO / d).exists() for d in deps if not d.startswith("data/edit"))
-    assert stage["params"] == ["model", "fid"]
+    assert stage["params"] == ["fid"] and "data/models" in deps  # the model: prepare_model's lock
     assert "fid" not in load_dvc_yaml()  # ./dvc.yaml (the default `dvc repro`) never runs it
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"] + stage["metrics"]]
     assert "data/eval/fid/metrics.json" in outs and "data/eval/fid/clip_scores.parquet" in outs

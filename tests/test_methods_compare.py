@@ -16,6 +16,7 @@ from t2iedit.datasets.benchmarks import load_timed
 from t2iedit.io import read_parquet, write_parquet
 from t2iedit.methods import METHODS
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, requests_from_edits
+from tasks.model import lock_model
 
 ROOT = Path(__file__).parents[1]
 FAST = {"values": {"steps": 2, "log_every": 0}}
@@ -62,8 +63,8 @@ def _run_compare(tmp_path, monkeypatch, methods):
     torch.set_num_threads(1)  # tiny ops: OpenMP hand-offs dominate on a shared CPU
     monkeypatch.chdir(tmp_path)
     _tiny_dataset(tmp_path)
+    lock_model.fn(tmp_path / "data/models/lock.json", "fp", "tiny", 0)  # what prepare_model writes
     params = {
-        "model": {"preset": "tiny", "seed": 0},
         "compare": {"methods": methods, "seeds": [0, 1], "batch_size": 6,
                     "method_params": {"ours": FAST, "ours-no-projector": FAST, "ours-no-eata": FAST,
                                       "ours-no-visual": FAST, "emcid": FAST,
