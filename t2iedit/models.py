@@ -20,7 +20,7 @@ from torch import nn
 # Imported here, not inside functions: transformers' lazy module raises spurious ImportErrors when
 # several threads (a Prefect thread-pool task runner) trigger the same lazy import at once.
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import AutoModel, AutoTokenizer, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +210,38 @@ def load_text_encoder(source: str | os.PathLike, revision: str | None = None,
         tokenizer = AutoTokenizer.from_pretrained(str(source), **tok_kw, **kw)
     model.eval()
     return tokenizer, model
+
+
+@dataclass(frozen=True)
+class EncoderTail:
+    """What a text encoder's forward runs after one of its blocks: the later ``blocks`` in order, each
+    called with the same extra arguments (attention mask, ``is_causal``, …), then ``final`` (CLIP: the
+    final layer norm; BERT: nothing). Called with that block's output and the extra arguments the
+    encoder passed to it, it returns the encoder's ``last_hidden_state``."""
+
+    blocks: tuple[nn.Module, ...]
+    final: nn.Module | None
+
+    def __call__(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        for blk in self.blocks:
+            hidden = blk(hidden, *args, **kwargs)  # (B, T, d)
+        return hidden if self.final is None else self.final(hidden)
+
+
+def encoder_tail(model: nn.Module, block: nn.Module) -> EncoderTail | None:
+    """The :class:`EncoderTail` of ``model`` after ``block``, for the architectures whose encoder is
+    exactly "every block with the same extra arguments, then a final module": ``CLIPTextModel`` and
+    a (non-decoder) ``BertModel``, as in transformers 5. ``None`` for any other model (a decoder's
+    blocks also update a KV cache) or when ``block`` is not one of the encoder's blocks: callers then
+    run the full forward."""
+    if isinstance(model, CLIPTextModel):
+        blocks, final = model.encoder.layers, model.final_layer_norm
+    elif isinstance(model, BertModel) and not model.config.is_decoder:
+        blocks, final = model.encoder.layer, None
+    else:
+        return None
+    index = next((i for i, b in enumerate(blocks) if b is block), None)
+    return None if index is None else EncoderTail(tuple(blocks[index + 1:]), final)
 
 
 class _StopForward(Exception):

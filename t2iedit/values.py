@@ -32,6 +32,10 @@ Batching: all edits of a batch are optimised together, one padded forward pass p
 (edits × templates) rows. The optimised objective is Σ_i L_i: L_i depends only on δ_i (rows never
 mix in the encoder, per-edit masks, per-edit means, per-edit clamp and per-edit random draws) and
 Adam is per-coordinate, so every δ_i follows exactly the trajectory it would follow alone.
+Everything up to the value layer is frozen and does not depend on δ: its output (and the attention
+mask the encoder passes to its blocks) is computed once, and each step runs only the blocks after it
+and the final layer norm (``models.EncoderTail``; CLIP and BERT). Other encoders run the full forward
+with δ injected by a hook: the same function of δ, slower.
 The models are unchanged when these functions return (hooks removed, ``requires_grad`` restored).
 """
 
@@ -50,6 +54,7 @@ from torch import nn
 from t2iedit.io import stable_hash
 from t2iedit.losses import (Pooling, entity_features, eata_loss, per_edit_mean, pooled_feature,
                             text_loss, visual_loss)
+from t2iedit.models import encoder_tail
 from t2iedit.prompts import DEFAULT_TEMPLATES, EditRequest, fill, span_token_positions, subject_last_token
 
 logger = logging.getLogger(__name__)
@@ -143,9 +148,7 @@ def add_at_positions(module: nn.Module, rows: torch.Tensor, positions: torch.Ten
     to it. The hook is removed on exit, even on error.
     """
     def hook(_mod, _inputs, output):
-        h = _hidden(output)
-        return _replace_hidden(output, h.index_put((rows, positions), values().to(h.dtype),
-                                                   accumulate=True))
+        return _replace_hidden(output, _add_at(_hidden(output), rows, positions, values()))
 
     handle = module.register_forward_hook(hook)
     try:
@@ -154,15 +157,23 @@ def add_at_positions(module: nn.Module, rows: torch.Tensor, positions: torch.Ten
         handle.remove()
 
 
+def _add_at(h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+            values: torch.Tensor) -> torch.Tensor:
+    """``h`` (B, T, d) with ``values`` (len(rows), d) added at ``(rows, positions)`` (out of place)."""
+    return h.index_put((rows, positions), values.to(h.dtype), accumulate=True)
+
+
 @contextlib.contextmanager
-def capture_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record ``module``'s output hidden states (B, T, d) under key ``"h"`` (detached)."""
-    record: dict[str, torch.Tensor] = {}
+def capture_output(module: nn.Module) -> Iterator[dict]:
+    """Record ``module``'s output hidden states (B, T, d) under key ``"h"`` (detached), and the other
+    arguments the model called it with under ``"args"`` (after the hidden states) and ``"kwargs"``
+    (attention mask, ``is_causal``, …: what the later blocks get too, see ``models.EncoderTail``)."""
+    record: dict = {}
 
-    def hook(_mod, _inputs, output):
-        record["h"] = _hidden(output).detach()
+    def hook(_mod, args, kwargs, output):
+        record.update(h=_hidden(output).detach(), args=args[1:], kwargs=kwargs)
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         yield record
     finally:
@@ -300,7 +311,8 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
             tgt_enc, _, tgt_mask = encode(tokenizer, tgt_texts, model, sd_conditioning=False)
             c_tgt = pooled_feature(_forward(model, tgt_enc["input_ids"].to(device), _to(tgt_mask, device)),
                                    tgt_enc["attention_mask"].to(device), config.pooling)  # (B, d)
-            h_frozen = _forward(model, input_ids, model_mask)
+            with capture_output(block) as at_block:  # the value layer's output, δ = 0 (B, T, d)
+                h_frozen = _forward(model, input_ids, model_mask)
             c_e_frozen = entity_features(h_frozen, ent_w)  # (B, E, d)
             plain_rows = torch.arange(n, device=device) * n_tpl + (
                 config.templates.index(PLAIN_TEMPLATE) if use_visual else 0)
@@ -317,11 +329,22 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
         max_norm = config.clamp_factor * z0.norm(dim=1)  # (n,)
         opt = torch.optim.Adam([delta], lr=config.lr)
 
+        all_rows = torch.arange(len(row_edit), device=device)
+        tail = encoder_tail(model, block)
+
+        def hidden() -> torch.Tensor:
+            """Final hidden states (B, T, d) with δ added at the value layer. Everything up to the value
+            layer is frozen and independent of δ, so only the blocks after it run, from its cached
+            output; encoders without a known tail run the full forward with δ injected by a hook."""
+            if tail is None:
+                with add_at_positions(block, all_rows, edit_pos, lambda: delta[row_edit]):
+                    return _forward(model, input_ids, model_mask)
+            return tail(_add_at(at_block["h"], all_rows, edit_pos, delta[row_edit]),
+                        *at_block["args"], **at_block["kwargs"])
+
         def losses(step: int) -> dict[str, torch.Tensor]:
             """Per-edit loss terms at the current δ, each (n,)."""
-            with add_at_positions(block, torch.arange(len(row_edit), device=device), edit_pos,
-                                  lambda: delta[row_edit]):
-                h = _forward(model, input_ids, model_mask)  # (B, T, d)
+            h = hidden()  # (B, T, d)
             c_src = pooled_feature(h, attn, config.pooling)
             out = {
                 "text": per_edit_mean(text_loss(c_src, c_tgt), row_edit, n),

@@ -1,20 +1,23 @@
-"""Target values: loss properties, δ injection, optimisation on the tiny model, batch independence."""
+"""Target values: loss properties, δ injection, tail-only forward, optimisation on the tiny model, batch
+independence."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from t2iedit import values
 from t2iedit.io import load_meta, load_tensors, read_parquet, save_tensors, write_parquet
 from t2iedit.losses import (eata_loss, entity_features, per_edit_mean, pooled_feature, text_loss,
                             visual_loss)
-from t2iedit.models import TextEncoderAdapter, get_preset
+from t2iedit.models import (BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, TextEncoderAdapter, encoder_tail,
+                            get_preset, load_text_encoder)
 from t2iedit.ner import heuristic_spans
 from t2iedit.prompts import EditRequest
 from t2iedit.values import (LOSS_SCHEMA, ValueConfig, VisualInputs, add_at_positions,
-                            compute_target_values, compute_target_values_batched, ddpm_scheduler_for,
-                            generate_source_latents, losses_table, prepare_rows, value_meta,
-                            value_tensors, weighted_config)
+                            capture_output, compute_target_values, compute_target_values_batched,
+                            ddpm_scheduler_for, generate_source_latents, losses_table, prepare_rows,
+                            value_meta, value_tensors, weighted_config)
 
 LAYER = get_preset("tiny").value_layer
 FACTS = [("The president of the United States", "Tim Cook"), ("The CEO of Amazon", "Sundar Pichai"),
@@ -238,6 +241,83 @@ def test_batched_equals_one_at_a_time(enc, requests, visual, lambda_visual):
     split = compute_target_values_batched(tok, model, block, requests, cfg, 3, vis)
     assert split.edit_ids == together.edit_ids
     assert torch.allclose(split.delta, together.delta, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- tail-only forward (issue 4)
+MINILM_LAYER = 3  # of 6 (bench_values_minilm.py)
+TEXTS = ["A dog", "An image of the president of the United States"]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    tok, model = load_text_encoder(minilm_dir, subfolder=None, tokenizer_subfolder=None)
+    return tok, model, TextEncoderAdapter(model, BERT_DENSE_TEMPLATE, BERT_BLOCK_TEMPLATE).block(MINILM_LAYER)
+
+
+@pytest.mark.parametrize("encoder, padding, with_mask", [
+    ("clip", "longest", True),       # text-only mode: padding masked, plus the causal mask
+    ("clip", "max_length", False),   # SD conditioning: 77 tokens, causal mask only
+    ("minilm", "longest", True),     # BERT: bidirectional, padding masked
+])
+def test_encoder_tail_reproduces_last_hidden_state(enc, minilm, encoder, padding, with_mask):
+    tok, model, block = enc if encoder == "clip" else minilm
+    batch = tok(TEXTS, padding=padding, max_length=77, return_tensors="pt")
+    kwargs = {"input_ids": batch["input_ids"]}
+    if with_mask:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    with torch.no_grad(), capture_output(block) as at_block:
+        want = model(**kwargs).last_hidden_state  # (2, T, d), every position (padding too)
+    tail = encoder_tail(model, block)
+    layer = LAYER if encoder == "clip" else MINILM_LAYER
+    assert tail is not None and len(tail.blocks) == model.config.num_hidden_layers - layer - 1
+    with torch.no_grad():
+        got = tail(at_block["h"], *at_block["args"], **at_block["kwargs"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_encoder_tail_only_for_known_architectures(enc):
+    _, model, block = enc
+    assert encoder_tail(torch.nn.Sequential(block), block) is None  # unknown architecture
+    assert encoder_tail(model, torch.nn.Linear(2, 2)) is None       # not one of its blocks
+    last = TextEncoderAdapter(model).block(model.config.num_hidden_layers - 1)
+    assert encoder_tail(model, last).blocks == ()                  # value layer = last block: norm only
+
+
+@pytest.mark.parametrize("encoder, lambda_visual", [("clip", 0.0), ("clip", 0.01), ("minilm", 0.0)])
+def test_tail_forward_equals_full_forward(enc, minilm, requests, visual, monkeypatch, encoder, lambda_visual):
+    """The optimisation from cached value-layer states gives what the full forward with δ hooked in at
+    the value layer gives (the path of encoders without a known tail, and of all before issue 4)."""
+    tok, model, block = enc if encoder == "clip" else minilm
+    cfg = ValueConfig(lambda_visual=lambda_visual, steps=8, pooling="eos" if encoder == "clip" else "mean")
+    vis = visual if lambda_visual else None
+    assert encoder_tail(model, block) is not None
+    tail = compute_target_values(tok, model, block, requests, cfg, vis)
+    with monkeypatch.context() as m:
+        m.setattr(values, "encoder_tail", lambda model, block: None)
+        full = compute_target_values(tok, model, block, requests, cfg, vis)
+    torch.testing.assert_close(tail.z0, full.z0, rtol=0, atol=0)
+    torch.testing.assert_close(tail.delta, full.delta, rtol=1e-5, atol=1e-5)
+    for k in ("text", "eata", "visual", "decay", "total", "total_init"):
+        torch.testing.assert_close(tail.losses[k], full.losses[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_steps_do_not_rerun_the_frozen_layers(enc, requests):
+    """The embeddings and the blocks up to the value layer run a fixed number of times (the frozen
+    forwards: z0, targets, cached value-layer states), whatever the number of steps."""
+    tok, model, block = enc
+    calls = {"embeddings": 0, "block": 0}
+    handles = [m.register_forward_pre_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+               for k, m in (("embeddings", model.embeddings), ("block", block))]
+    try:
+        seen = []
+        for steps in (2, 6):
+            calls.update(embeddings=0, block=0)
+            compute_target_values(tok, model, block, requests, ValueConfig(lambda_visual=0.0, steps=steps))
+            seen.append(dict(calls))
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen[0] == seen[1] == {"embeddings": 3, "block": 3}
 
 
 def test_source_latents_do_not_depend_on_batching(tiny_pipe, requests, visual):
