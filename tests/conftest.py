@@ -27,6 +27,18 @@ def prefect_harness():
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model ops take microseconds; OpenMP thread hand-offs dominate on a shared CPU. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Folder of the tiny Stable Diffusion pipeline (seed 0), saved with ``save_pretrained``."""

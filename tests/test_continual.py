@@ -29,12 +29,7 @@ B = [EditRequest("b0", "The CEO of Amazon", "Andy Jassy"),
 C = [EditRequest("c0", "The tallest mountain", "Mount Fuji")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

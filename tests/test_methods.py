@@ -31,13 +31,7 @@ ROAD = EditRequest("r0", "Canada's Prime Minister", "Beyonce")
 LAYER = 3  # tiny text encoder has layers 0..5; edits 0..4 with value layer 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds; OpenMP thread hand-offs dominate on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -466,9 +466,9 @@ def test_real_pipeline_param_change_reruns_only_downstream(reproduced_copy, key,
     set_param(root, key, _changed_value(root, key, value))
     try:
         ran, restored, _ = ci_repro(root, env, targets)
-    finally:
-        sh(["git", "checkout", "-q", "--", "params.yaml"], root)
-        sh([str(BIN / "dvc"), "checkout", "-q"], root, env)
+    finally:  # back to the committed state: params, dvc.lock, git-tracked metrics, then the outputs
+        sh(["git", "checkout", "-q", "--", "."], root)
+        sh([str(BIN / "dvc"), "checkout", "-q", *targets], root, env)
     assert readers <= ran | restored, f"{key}: {sorted(readers)} should rerun, ran {sorted(ran)}"
     assert ran <= downstream(STAGES, readers), f"{key}: ran {sorted(ran)}"
     assert not ran & untouched, f"{key} must not rerun {sorted(ran & untouched)}"
