@@ -3,14 +3,18 @@
 ``python -m flows.metrics`` (DVC stage ``metrics``) reads params.yaml ``generate.methods`` and
 ``metrics``, the eval prompts, data/eval/index/ and data/eval/images/ (and, for the text-space
 metrics, data/edit/artifact and the locked model data/models/lock.json); the tiny preset's CLIP
-classifier is built, seeded, in a temporary folder; writes data/eval/metrics/<method>/{per_image.parquet, summary.json},
-text_space.json and summary/{metrics.json (dvc metrics), table.md (paper layout), categories.csv}.
+classifier is built, seeded, in a temporary folder. Writes data/eval/metrics/thresholds/ (the
+evaluation prompts with the adaptive thresholds used: ``metrics.thresholds`` shipped, or recomputed
+from the oracle images scored under thresholds/reference/), data/eval/metrics/<method>/
+{per_image.parquet, summary.json}, text_space.json and summary/{metrics.json (dvc metrics), table.md
+(paper layout), categories.csv}.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow
 from pydantic import Field
@@ -19,10 +23,12 @@ from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdow
 from flows.generate import (EDIT_ARTIFACT, EVAL_PROMPTS, IMAGES, INDEX_DIR, MODELS_DIR, OUT,
                             PROMPT_COLUMN, GenerateParams)
 from tasks._common import fingerprint
-from tasks.evaluate import TABLE_MD, score_method, text_space, write_metrics
+from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, score_method, text_space,
+                            threshold_prompts, write_metrics)
 from tasks.model import LOCK_FILE, read_lock
 
 METRICS_DIR = OUT / "metrics"
+THRESHOLDS_DIR = METRICS_DIR / "thresholds"
 TINY_CLIP_SEED = 0
 CODE = ["t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.plots", "tasks.evaluate"]
 
@@ -31,6 +37,9 @@ class MetricsParams(StageParams):
     clip: str = "tiny"          # tiny | CLIP hub id or folder (paper: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)
     clip_revision: str | None = None
     sigma: str = Field(default="2sigma", pattern="^(mean|1sigma|2sigma|3sigma)$")  # CAKE criterion
+    # shipped: the dataset's thresholds (CAKE's, for SD-1.4 + EVA-CLIP bigG: the paper protocol);
+    # recompute: from this classifier's scores of the unedited model's oracle images over generate.seeds
+    thresholds: Literal["shipped", "recompute"] = "shipped"
     batch_size: int = Field(default=32, ge=1)
     title: str = "Evaluation"
 
@@ -49,16 +58,27 @@ def clip_source(p: MetricsParams, scratch: Path) -> str:
 def metrics(params_file: str = PARAMS_FILE) -> Path:
     g = load_params("generate", GenerateParams, params_file)
     p = load_params("metrics", MetricsParams, params_file)
+    if p.thresholds == "recompute" and ("oracle" not in g.methods or len(g.seeds) < 2):
+        raise ValueError("metrics.thresholds: recompute needs 'oracle' in generate.methods (the unedited "
+                         "model's oracle images are the reference) and at least 2 generate.seeds, got "
+                         f"methods {g.methods}, seeds {g.seeds}")
+    extra = {"clip": p.clip if p.clip != "tiny" else f"tiny-seed{TINY_CLIP_SEED}"}
+    score = p.model_dump(exclude={"title", "thresholds"})
     with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
         clip = clip_source(p, Path(scratch))
-        summaries = {}
-        for method in g.methods:
+
+        def scored(out: Path, method: str, prompts: Path) -> Path:
             index = INDEX_DIR / f"{method}.parquet"
-            fp = fingerprint(f"metrics/{method}", p, inputs=[EVAL_PROMPTS, index], code=CODE,
-                             extra={"clip": p.clip if p.clip != "tiny" else f"tiny-seed{TINY_CLIP_SEED}"})
-            summaries[method] = score_method(METRICS_DIR / method, fp, method, PROMPT_COLUMN[method],
-                                             EVAL_PROMPTS, index, IMAGES, clip, p.clip_revision, p.sigma,
-                                             p.batch_size)
+            fp = fingerprint(f"metrics/{method}", score, inputs=[prompts, index], code=CODE, extra=extra)
+            return score_method(out, fp, method, PROMPT_COLUMN[method], prompts, index, IMAGES, clip,
+                                p.clip_revision, p.sigma, p.batch_size)
+
+        reference = scored(THRESHOLDS_DIR / "reference", "oracle", EVAL_PROMPTS) / PER_IMAGE \
+            if p.thresholds == "recompute" else None
+        fp = fingerprint("metrics/thresholds", {"thresholds": p.thresholds},
+                         inputs=[EVAL_PROMPTS, *([reference] if reference else [])], code=CODE)
+        prompts = threshold_prompts(THRESHOLDS_DIR, fp, EVAL_PROMPTS, p.thresholds, reference) / THRESHOLD_PROMPTS
+        summaries = {method: scored(METRICS_DIR / method, method, prompts) for method in g.methods}
     text = None
     if "edited" in g.methods:
         lock = read_lock(MODELS_DIR)
@@ -66,9 +86,15 @@ def metrics(params_file: str = PARAMS_FILE) -> Path:
                          code=["t2iedit.metrics", "t2iedit.edit", "tasks.evaluate"])
         text = text_space(METRICS_DIR / "text_space.json", fp, lock["preset"], lock["source"],
                           lock["revision"], EDIT_ARTIFACT, EVAL_PROMPTS)
-    fp = fingerprint("metrics/summary", {"title": p.title}, inputs=[*(s / "summary.json" for s in summaries.values()),
-                                                                    *([text] if text else [])], code=CODE)
-    out = write_metrics(METRICS_DIR / "summary", fp, summaries, text, p.title)
+    criterion = "the mean" if p.sigma == "mean" else f"mean − {p.sigma[0]}σ"
+    note = ("Threshold test: the dataset's shipped thresholds "
+            f"({criterion} of CAKE's SD-1.4 / EVA-CLIP scores)." if p.thresholds == "shipped" else
+            f"Threshold test: thresholds recomputed for this model and classifier ({criterion} over "
+            f"the unedited model's oracle images of seeds {g.seeds}).")
+    fp = fingerprint("metrics/summary", {"title": p.title, "note": note},
+                     inputs=[*(s / "summary.json" for s in summaries.values()), *([text] if text else [])],
+                     code=CODE)
+    out = write_metrics(METRICS_DIR / "summary", fp, summaries, text, p.title, note)
     markdown_artifact("eval-metrics", (out / TABLE_MD).read_text(encoding="utf-8"))
     logger().info("metrics in %s", out)
     return out

@@ -45,6 +45,7 @@ SIGMA_KEYS = ("1sigma", "2sigma", "3sigma")
 
 PER_IMAGE_SCHEMA = pa.schema([
     pa.field("method", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
     pa.field("edit_id", pa.string(), nullable=False),
     pa.field("category", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 from prefect import task
 
 from t2iedit import metrics as M
@@ -70,6 +71,38 @@ def score_method(out: Path, fingerprint: str, method: str, prompt_column: str, e
     return run_once(out, fingerprint, produce)
 
 
+THRESHOLD_PROMPTS, THRESHOLDS_JSON = "eval_prompts.parquet", "thresholds.json"
+
+
+@task(cache_policy=STAMP_CACHE)
+def threshold_prompts(out: Path, fingerprint: str, eval_prompts: Path, mode: str,
+                      reference: Path | None = None) -> Path:
+    """``out``/eval_prompts.parquet: the evaluation prompts with the adaptive thresholds the threshold
+    test uses, and ``out``/thresholds.json (which ones, over how many images).
+
+    ``shipped``: the dataset's (CAKE's, computed for SD-1.4 with EVA-CLIP bigG: valid only for that
+    model and classifier). ``recompute``: mean − kσ of this classifier's scores of the unedited
+    model's oracle-prompt images, one threshold per prompt over the evaluation seeds
+    (``reference``: their per_image.parquet; ``metrics.thresholds_from_oracle``)."""
+    def produce(folder: Path) -> None:
+        table = read_parquet(eval_prompts)
+        ep = table.to_pandas()
+        info: dict[str, Any] = {"mode": mode}
+        if mode == "recompute":
+            th = M.thresholds_from_oracle(read_parquet(reference).to_pandas())
+            ep = M.with_thresholds(ep, th)
+            info.update(n_prompts=len(th), n_seeds=sorted({int(n) for n in th["n_seeds"]}),
+                        mean_threshold_2sigma=float(th["threshold_2sigma"].mean()))
+        elif mode != "shipped":
+            raise ValueError(f"metrics.thresholds must be shipped or recompute, got {mode!r}")
+        write_parquet(folder / THRESHOLD_PROMPTS, pa.Table.from_pandas(ep[table.schema.names],
+                                                                      schema=table.schema,
+                                                                      preserve_index=False))
+        write_json(folder / THRESHOLDS_JSON, info)
+
+    return run_once(out, fingerprint, produce)
+
+
 @task(cache_policy=STAMP_CACHE)
 def text_space(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
                artifact: Path, eval_prompts: Path) -> Path:
@@ -96,7 +129,7 @@ def text_space(out: Path, fingerprint: str, preset: str, source: str, revision: 
 
 @task(cache_policy=STAMP_CACHE)
 def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_space: Path | None,
-                  title: str) -> Path:
+                  title: str, note: str | None = None) -> Path:
     """``out``/metrics.json (for ``dvc metrics``: per method and test, category means and Score),
     table.md (paper layout, one table per test) and categories.csv (for ``dvc plots``)."""
     def produce(folder: Path) -> None:
@@ -108,7 +141,7 @@ def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_
         if text_space is not None:
             metrics["text_space"] = read_json(text_space)
         write_json(folder / METRICS_JSON, metrics)
-        md = [f"# {title}", ""]
+        md = [f"# {title}", "", *([note, ""] if note else [])]
         frames = []
         for test in M.TESTS:
             sub = {m: r[test] for m, r in results.items() if test in r}
