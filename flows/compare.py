@@ -22,7 +22,7 @@ from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.models import PRESETS
 from tasks._common import fingerprint
 from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, shared_stats, write_table
-from tasks.model import lock_identity, read_lock
+from tasks.model import locked_model
 
 DATASETS_DIR = Path("data/processed/datasets")
 CORPUS = Path("data/processed/corpus/corpus.parquet")
@@ -76,9 +76,8 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
         if name not in p.methods:
             raise ValueError(f"compare.method_params has {name!r}, which is not in compare.methods")
     configs = {name: build_config(get_method(name), p.method_params.get(name)) for name in p.methods}
-    lock = read_lock(MODELS_DIR)
-    preset_name, source, revision = lock["preset"], lock["source"], lock["revision"]
-    identity = lock_identity(lock)
+    model = locked_model(MODELS_DIR)
+    preset_name, source, revision, identity = model.preset, model.source, model.revision, model.identity
     model_id = {"model": identity}
 
     preset = PRESETS[preset_name]

@@ -22,12 +22,11 @@ from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_sta
 from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT
 from t2iedit.clip_eval import DEFAULT_CLIP_SCORE_MODEL
 from t2iedit.fid import FID_SUBSET_SIZE, fid_captions
-from t2iedit.generate import model_hash
-from t2iedit.io import read_json, tree_sha256
+from t2iedit.io import read_json
 from t2iedit.models import get_preset
 from tasks._common import fingerprint, item_fingerprint, prune
-from tasks.evaluate import generate_batch, merge_index
-from tasks.model import LOCK_FILE, lock_identity, read_lock
+from tasks.evaluate import generate_batch, images_key, merge_index
+from tasks.model import LOCK_FILE, locked_model
 from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, references_sha256,
                        score_fid)
 
@@ -67,9 +66,8 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     real = reference_images(p.coco_images, caps["coco_id"])
     weights = inception_weights_file(p.inception_weights)
 
-    lock = read_lock(MODELS_DIR)
-    preset_name, source, revision = lock["preset"], lock["source"], lock["revision"]
-    preset = get_preset(preset_name)
+    model = locked_model(MODELS_DIR)
+    preset = get_preset(model.preset)
     artifact = EDIT_ARTIFACT if p.method == "edited" else None
     sampling = {"num_inference_steps": p.sampling.num_inference_steps or preset.num_inference_steps,
                 "guidance_scale": p.sampling.guidance_scale, "height": preset.resolution,
@@ -77,15 +75,15 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     fp = fingerprint("fid/generate", p.model_dump(mode="json", include=GENERATE_KEYS),
                      inputs=[MODELS_DIR / LOCK_FILE, COCO_CSV, *([artifact] if artifact else [])],
                      code=GENERATE_CODE)
-    mh = model_hash(lock_identity(lock), revision, tree_sha256(artifact) if artifact else None)
+    mh = images_key(model, artifact)
     items = list(dict.fromkeys(zip(caps["prompt"], caps["evaluation_seed"].astype(int).tolist())))
     chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
     outs_b = [BATCHES / f"{i:05d}.parquet" for i in range(len(chunks))]
     # One batch task at a time: with concurrent pipeline loads in runner threads the later Inception
     # forward failed here with "Tensor on device meta" (2026-11, before d459d1e's import fix; not
     # re-checked since). Each batch is still its own stamped task run, so a killed run resumes.
-    done = [generate_batch(out_b, item_fingerprint(fp, chunk), preset_name, source, revision, artifact,
-                           chunk, IMAGES, mh, sampling, p.batch_size)
+    done = [generate_batch(out_b, item_fingerprint(fp, chunk), model.preset, model.source,
+                           model.revision, artifact, chunk, IMAGES, mh, sampling, p.batch_size)
             for out_b, chunk in zip(outs_b, chunks)]
     index = merge_index(INDEX, fp, done)
     prune(BATCHES, keep=done)

@@ -18,12 +18,11 @@ from prefect import flow, unmapped
 from pydantic import Field
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
-from t2iedit.generate import model_hash
-from t2iedit.io import read_parquet, tree_sha256
+from t2iedit.io import read_parquet
 from t2iedit.models import get_preset
 from tasks._common import fingerprint, item_fingerprint, prune
-from tasks.evaluate import generate_batch, merge_index
-from tasks.model import LOCK_FILE, lock_identity, read_lock
+from tasks.evaluate import generate_batch, images_key, merge_index
+from tasks.model import LOCK_FILE, locked_model
 
 EVAL_PROMPTS = Path("data/processed/datasets/eval_prompts.parquet")
 EDIT_ARTIFACT = Path("data/edit/artifact")
@@ -55,9 +54,8 @@ def sampling_for(preset: str, p: GenerateParams) -> dict:
 def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
     p = load_params("generate", GenerateParams, params_file)
     log = logger()
-    lock = read_lock(MODELS_DIR)
-    preset, source, revision = lock["preset"], lock["source"], lock["revision"]
-    sampling = sampling_for(preset, p)
+    model = locked_model(MODELS_DIR)
+    sampling = sampling_for(model.preset, p)
     ep = read_parquet(EVAL_PROMPTS).to_pandas()
     outs: dict[str, Path] = {}
     batch_files: list[Path] = []
@@ -65,16 +63,16 @@ def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
         artifact = EDIT_ARTIFACT if method == "edited" else None
         inputs = [EVAL_PROMPTS, *([artifact] if artifact else [])]
         fp = fingerprint(f"generate/{method}", p, inputs=[MODELS_DIR / LOCK_FILE, *inputs], code=CODE)
-        mh = model_hash(lock_identity(lock), revision, tree_sha256(artifact) if artifact else None)
+        mh = images_key(model, artifact)
         col = PROMPT_COLUMN[method]
         texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
         items = list(dict.fromkeys((t, s) for t in texts for s in p.seeds))
         chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
         outs_b = [BATCHES / method / f"{i:05d}.parquet" for i in range(len(chunks))]
         futures = generate_batch.map(
-            outs_b, [item_fingerprint(fp, c) for c in chunks], unmapped(preset), unmapped(source),
-            unmapped(revision), unmapped(artifact), chunks, unmapped(IMAGES), unmapped(mh),
-            unmapped(sampling), unmapped(p.batch_size))
+            outs_b, [item_fingerprint(fp, c) for c in chunks], unmapped(model.preset),
+            unmapped(model.source), unmapped(model.revision), unmapped(artifact), chunks,
+            unmapped(IMAGES), unmapped(mh), unmapped(sampling), unmapped(p.batch_size))
         done = [f.result() for f in futures]
         batch_files += done
         outs[method] = merge_index(INDEX_DIR / f"{method}.parquet", fp, done)

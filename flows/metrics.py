@@ -25,7 +25,7 @@ from flows.generate import (EDIT_ARTIFACT, EVAL_PROMPTS, IMAGES, INDEX_DIR, MODE
 from tasks._common import fingerprint
 from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, score_method, text_space,
                             threshold_prompts, write_metrics)
-from tasks.model import LOCK_FILE, read_lock
+from tasks.model import LOCK_FILE, locked_model
 
 METRICS_DIR = OUT / "metrics"
 THRESHOLDS_DIR = METRICS_DIR / "thresholds"
@@ -67,25 +67,28 @@ def metrics(params_file: str = PARAMS_FILE) -> Path:
     with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
         clip = clip_source(p, Path(scratch))
 
-        def scored(out: Path, method: str, prompts: Path) -> Path:
+        def scored(out: Path, method: str, prompts: Path, rescore: Path | None = None) -> Path:
             index = INDEX_DIR / f"{method}.parquet"
-            fp = fingerprint(f"metrics/{method}", score, inputs=[prompts, index], code=CODE, extra=extra)
+            inputs = [prompts, index, *([rescore] if rescore else [])]
+            fp = fingerprint(f"metrics/{method}", score, inputs=inputs, code=CODE, extra=extra)
             return score_method(out, fp, method, PROMPT_COLUMN[method], prompts, index, IMAGES, clip,
-                                p.clip_revision, p.sigma, p.batch_size)
+                                p.clip_revision, p.sigma, p.batch_size, scored=rescore)
 
         reference = scored(THRESHOLDS_DIR / "reference", "oracle", EVAL_PROMPTS) / PER_IMAGE \
             if p.thresholds == "recompute" else None
         fp = fingerprint("metrics/thresholds", {"thresholds": p.thresholds},
                          inputs=[EVAL_PROMPTS, *([reference] if reference else [])], code=CODE)
         prompts = threshold_prompts(THRESHOLDS_DIR, fp, EVAL_PROMPTS, p.thresholds, reference) / THRESHOLD_PROMPTS
-        summaries = {method: scored(METRICS_DIR / method, method, prompts) for method in g.methods}
+        # the oracle images are the reference: their scores are re-tested, not computed twice
+        summaries = {method: scored(METRICS_DIR / method, method, prompts,
+                                    reference if method == "oracle" else None) for method in g.methods}
     text = None
     if "edited" in g.methods:
-        lock = read_lock(MODELS_DIR)
+        model = locked_model(MODELS_DIR)
         fp = fingerprint("metrics/text_space", inputs=[MODELS_DIR / LOCK_FILE, EVAL_PROMPTS, EDIT_ARTIFACT],
                          code=["t2iedit.metrics", "t2iedit.edit", "tasks.evaluate"])
-        text = text_space(METRICS_DIR / "text_space.json", fp, lock["preset"], lock["source"],
-                          lock["revision"], EDIT_ARTIFACT, EVAL_PROMPTS)
+        text = text_space(METRICS_DIR / "text_space.json", fp, model.preset, model.source,
+                          model.revision, EDIT_ARTIFACT, EVAL_PROMPTS)
     criterion = "the mean" if p.sigma == "mean" else f"mean − {p.sigma[0]}σ"
     note = ("Threshold test: the dataset's shipped thresholds "
             f"({criterion} of CAKE's SD-1.4 / EVA-CLIP scores)." if p.thresholds == "shipped" else

@@ -297,15 +297,41 @@ def score_images(encoder, rows: pd.DataFrame, images: Sequence, batch_size: int 
 
     rows["eval_score"] = pd.Series([None] * len(rows), dtype="Float64")
     rows["threshold_success"] = pd.Series([None] * len(rows), dtype="boolean")
-    if "eval_text" in rows and "threshold" in rows:
-        mask = np.array(rows["eval_text"].notna() & rows["threshold"].notna(), dtype=bool)
+    if "eval_text" in rows:
+        mask = np.array(rows["eval_text"].notna(), dtype=bool)
         if mask.any():
-            sub = rows[mask]
-            cos = (img[torch.from_numpy(mask)] * text_feats(sub["eval_text"])).sum(-1).double().numpy()
-            rows.loc[mask, "eval_score"] = cos
-            rows.loc[mask, "threshold_success"] = threshold_success(
-                cos, sub["threshold"].astype(float).to_numpy())
+            cos = (img[torch.from_numpy(mask)] * text_feats(rows.loc[mask, "eval_text"])).sum(-1)
+            rows.loc[mask, "eval_score"] = cos.double().numpy()
+        if "threshold" in rows:
+            rows = _test_thresholds(rows)
     return rows
+
+
+def _test_thresholds(rows: pd.DataFrame) -> pd.DataFrame:
+    """``threshold_success`` of the rows that have both an ``eval_score`` and a ``threshold``."""
+    rows["threshold_success"] = pd.Series([None] * len(rows), dtype="boolean")
+    mask = np.array(rows["eval_score"].notna() & rows["threshold"].notna(), dtype=bool)
+    if mask.any():
+        rows.loc[mask, "threshold_success"] = threshold_success(
+            rows.loc[mask, "eval_score"].astype(float).to_numpy(),
+            rows.loc[mask, "threshold"].astype(float).to_numpy())
+    return rows
+
+
+def retest_thresholds(rows: pd.DataFrame, eval_prompts: pd.DataFrame,
+                      sigma: str = "2sigma") -> pd.DataFrame:
+    """Per-image ``rows`` (:data:`PER_IMAGE_SCHEMA`) tested against other thresholds — those of
+    ``eval_prompts``, per ``prompt_id`` — without scoring the images again (``eval_score`` depends on
+    the image and the eval text only). Every row's prompt must be in ``eval_prompts``."""
+    if sigma not in ("mean", *SIGMA_KEYS):
+        raise ValueError(f"sigma must be one of mean, {', '.join(SIGMA_KEYS)}; got {sigma!r}")
+    th = eval_prompts.set_index("prompt_id")[f"threshold_{sigma}"]
+    unknown = sorted(set(rows["prompt_id"]) - set(th.index))
+    if unknown:
+        raise ValueError(f"{len(unknown)} scored prompts are not in the evaluation prompts, e.g. {unknown[:3]}")
+    rows = rows.reset_index(drop=True).copy()
+    rows["threshold"] = rows["prompt_id"].map(th).astype("Float64")
+    return _test_thresholds(rows)
 
 
 def join_images(eval_prompts: pd.DataFrame, index: pd.DataFrame, method: str,

@@ -16,13 +16,20 @@ from prefect import task
 
 from t2iedit import metrics as M
 from t2iedit import plots
-from t2iedit.generate import SamplingConfig, generate_images, load_image, read_index, write_index
-from t2iedit.io import read_json, read_parquet, write_json, write_parquet, write_text
+from t2iedit.generate import (SamplingConfig, generate_images, load_image, model_hash, read_index,
+                              write_index)
+from t2iedit.io import read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
 from t2iedit.models import load_pipeline, load_text_encoder
 from tasks._common import STAMP_CACHE, run_once
+from tasks.model import LockedModel
 
 PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
 METRICS_JSON, TABLE_MD, CATEGORIES_CSV = "metrics.json", "table.md", "categories.csv"
+
+
+def images_key(model: LockedModel, artifact: Path | None = None) -> str:
+    """What generated images are keyed by: the locked weights' content plus the applied edit's."""
+    return model_hash(model.identity, model.revision, tree_sha256(artifact) if artifact else None)
 
 
 @task(cache_policy=STAMP_CACHE)
@@ -55,15 +62,21 @@ def merge_index(out: Path, fingerprint: str, batches: list[Path]) -> Path:
 @task(cache_policy=STAMP_CACHE)
 def score_method(out: Path, fingerprint: str, method: str, prompt_column: str, eval_prompts: Path,
                  index: Path, image_root: Path, clip_source: str, clip_revision: str | None,
-                 sigma: str, batch_size: int) -> Path:
-    """``out``/per_image.parquet and summary.json (``{test: metrics.summarize}``) of one method."""
+                 sigma: str, batch_size: int, scored: Path | None = None) -> Path:
+    """``out``/per_image.parquet and summary.json (``{test: metrics.summarize}``) of one method.
+
+    ``scored``: the per_image.parquet of these same images already scored by this classifier (under
+    other thresholds): its scores are re-tested against ``eval_prompts``' thresholds, not recomputed."""
     from t2iedit.clip_eval import ClipEncoder
 
     def produce(folder: Path) -> None:
         ep = read_parquet(eval_prompts).to_pandas()
-        rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
-                                 read_index(index).to_pandas(), image_root, method,
-                                 prompt_column=prompt_column, sigma=sigma, batch_size=batch_size)
+        if scored is not None:
+            rows = M.retest_thresholds(read_parquet(scored).to_pandas(), ep, sigma)
+        else:
+            rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
+                                     read_index(index).to_pandas(), image_root, method,
+                                     prompt_column=prompt_column, sigma=sigma, batch_size=batch_size)
         write_parquet(folder / PER_IMAGE, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
         write_json(folder / SUMMARY, {t: M.summarize(rows, f"{t}_success") for t in M.TESTS
                                       if rows[f"{t}_success"].notna().any()})

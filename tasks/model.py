@@ -8,6 +8,7 @@ lock only pins and hashes them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,22 @@ def lock_identity(lock: dict[str, Any]) -> str:
     """Content identity of the locked weights (the sha256 of every file; equal locks, equal models):
     what generated images are keyed by, whatever folder or hub cache the files live in."""
     return stable_hash({"preset": lock["preset"], "revision": lock["revision"], "files": lock["files"]})
+
+
+@dataclass(frozen=True)
+class LockedModel:
+    """The model prepare_model locked, as the stages that load it need it."""
+
+    preset: str
+    source: str
+    revision: str | None
+    identity: str  # lock_identity: the content hash of the locked files
+    lock: dict[str, Any]
+
+
+def locked_model(models_dir: Path) -> LockedModel:
+    lock = read_lock(models_dir)
+    return LockedModel(lock["preset"], lock["source"], lock["revision"], lock_identity(lock), lock)
 
 
 def load_locked_encoder(models_dir: Path) -> tuple[dict[str, Any], Any, TextEncoderAdapter]:

@@ -78,6 +78,18 @@ def test_full_tiny_evaluation(tiny_pipe, tiny_dir, prompts, tmp_path):
     # with its own thresholds, an image scoring at least its prompt's mean always passes
     above = again["eval_score"].astype(float) >= again["prompt_id"].map(th.set_index("prompt_id")["threshold_mean"])
     assert again.loc[above, "threshold_success"].astype(bool).all()
+    # re-testing the already-scored rows against the new thresholds equals scoring the images again
+    for sigma in ("2sigma", "mean"):
+        again = M.evaluate_images(enc, M.with_thresholds(prompts, th), index, root, "oracle",
+                                  prompt_column="oracle_prompt", sigma=sigma)
+        retested = M.retest_thresholds(oracle, M.with_thresholds(prompts, th), sigma)
+        assert retested["threshold"].astype(float).tolist() == pytest.approx(
+            again["threshold"].astype(float).tolist())
+        assert retested["threshold_success"].tolist() == again["threshold_success"].tolist()
+    # two seeds per prompt: against its own mean, exactly the better-scoring image passes
+    assert (retested.groupby("prompt_id")["threshold_success"].sum() == 1).all()
+    with pytest.raises(ValueError, match="not in the evaluation prompts"):
+        M.retest_thresholds(oracle, prompts.iloc[1:], "2sigma")
 
     # pictures: before/after grid of one edit, category bars
     eff = prompts[prompts["category"] == "efficacy"].iloc[0]
