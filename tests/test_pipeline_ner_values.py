@@ -17,12 +17,7 @@ from t2iedit.values import LOSS_SCHEMA, ValueConfig
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

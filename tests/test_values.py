@@ -24,13 +24,7 @@ FACTS = [("The president of the United States", "Tim Cook"), ("The CEO of Amazon
          ("A dog", "A cat"), ("The Titanic male lead", "Jeff Bezos")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def bench():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def restore_threads():
     prev = torch.get_num_threads()
     yield
     torch.set_num_threads(prev)  # run() sets one thread (shared 2-core machine)
