@@ -1,8 +1,9 @@
 """Stage report: pictures of the evaluation — per-category bars across methods and, per edit, a
 before/after grid (source prompt and a specificity prompt; unedited vs edited, seed = the first).
 
-``python -m flows.report`` (DVC stage ``report``) reads params.yaml ``report``, data/eval/metrics/
-and data/eval/images/; writes data/eval/report/{categories.png, grids/<edit_id>.png}.
+``python -m flows.report`` (DVC stage ``report``) reads params.yaml ``report``,
+data/eval/metrics/summary/categories.csv, data/eval/metrics/<method>/per_image.parquet and
+data/eval/images/; writes data/eval/report/{categories.png, grids/<edit_id>.png}.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_sta
 from flows.generate import EVAL_PROMPTS, IMAGES, OUT, GenerateParams
 from flows.metrics import METRICS_DIR
 from tasks._common import fingerprint
-from tasks.evaluate import PER_IMAGE, write_report
+from tasks.evaluate import CATEGORIES_CSV, PER_IMAGE, write_report
 
 REPORT_DIR = OUT / "report"
 CODE = ["t2iedit.plots", "tasks.evaluate"]
@@ -32,7 +33,7 @@ def report(params_file: str = PARAMS_FILE) -> Path:
     g = load_params("generate", GenerateParams, params_file)
     p = load_params("report", ReportParams, params_file)
     per_image = {m: METRICS_DIR / m for m in g.methods}
-    fp = fingerprint("report", p, inputs=[EVAL_PROMPTS, METRICS_DIR / "summary",
+    fp = fingerprint("report", p, inputs=[EVAL_PROMPTS, METRICS_DIR / "summary" / CATEGORIES_CSV,
                                          *(d / PER_IMAGE for d in per_image.values())], code=CODE)
     out = write_report(REPORT_DIR, fp, METRICS_DIR / "summary", per_image, EVAL_PROMPTS, IMAGES,
                        p.grids, p.title)

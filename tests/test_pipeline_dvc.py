@@ -228,6 +228,32 @@ def test_stage_declares_its_code_and_params(name):
             f"{name}: reads params section {section!r} but lists only {listed}"
 
 
+def _all_outs() -> set[Path]:
+    outs = set()
+    for f in [REPO / "dvc.yaml", *sorted(REPO.glob("pipelines/*/dvc.yaml"))]:
+        for stage in load_dvc_yaml(f.parent).values():
+            outs |= {(f.parent / o).resolve().relative_to(REPO) for o in _outs(stage)}
+    return outs
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_data_deps_are_exactly_tracked(name):
+    """A data dep is git-tracked or equals/lies inside one stage output. A folder that only holds
+    outputs (data/eval/metrics) also holds what no one tracks — the resume stamps of file outputs,
+    DVC's .gitignore — so its hash differs between the machine that ran the stage and a clone that
+    restored the outputs, and its consumer reruns for nothing."""
+    outs = _all_outs()
+    tracked = set(sh(["git", "ls-files", "data"], REPO).stdout.split())
+    for dep in map(Path, STAGES[name].get("deps", [])):
+        if dep.parts[0] != "data" or dep.as_posix() in tracked:
+            continue
+        if (REPO / dep).is_dir() and all(
+                f.relative_to(REPO).as_posix() in tracked for f in (REPO / dep).rglob("*") if f.is_file()):
+            continue  # a git-tracked folder (data/raw)
+        assert any(dep == o or o in dep.parents for o in outs), \
+            f"{name}: dep {dep} is not (inside) one stage output; list the outputs it reads instead"
+
+
 def test_pipeline_order_matches_dvc_graph():
     from flows.pipeline import STAGES as ORDER
 
