@@ -3,7 +3,8 @@ before/after grid (source prompt and a specificity prompt; unedited vs edited, s
 
 ``python -m flows.report`` (DVC stage ``report``) reads params.yaml ``report``,
 data/eval/metrics/summary/categories.csv, data/eval/metrics/<method>/per_image.parquet and
-data/eval/images/; writes data/eval/report/{categories.png, grids/<edit_id>.png}.
+data/eval/images/; writes data/eval/report/{report.md, categories.png, grids/<edit_id>.png}; report.md is also
+published as the Prefect artifact ``eval-report``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
+from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
 from flows.generate import EVAL_PROMPTS, IMAGES, OUT, GenerateParams
 from flows.metrics import METRICS_DIR
 from tasks._common import fingerprint
-from tasks.evaluate import CATEGORIES_CSV, PER_IMAGE, write_report
+from tasks.evaluate import CATEGORIES_CSV, PER_IMAGE, REPORT_MD, TABLE_MD, write_report
 
 REPORT_DIR = OUT / "report"
 CODE = ["t2iedit.plots", "tasks.evaluate"]
@@ -33,10 +34,13 @@ def report(params_file: str = PARAMS_FILE) -> Path:
     g = load_params("generate", GenerateParams, params_file)
     p = load_params("report", ReportParams, params_file)
     per_image = {m: METRICS_DIR / m for m in g.methods}
-    fp = fingerprint("report", p, inputs=[EVAL_PROMPTS, METRICS_DIR / "summary" / CATEGORIES_CSV,
+    summary = METRICS_DIR / "summary"
+    fp = fingerprint("report", p, inputs=[EVAL_PROMPTS, summary / CATEGORIES_CSV, summary / TABLE_MD,
                                          *(d / PER_IMAGE for d in per_image.values())], code=CODE)
     out = write_report(REPORT_DIR, fp, METRICS_DIR / "summary", per_image, EVAL_PROMPTS, IMAGES,
                        p.grids, p.title)
+    markdown_artifact("eval-report", (out / REPORT_MD).read_text(encoding="utf-8"),
+                      description=f"{out / REPORT_MD} (pictures: relative links beside it)")
     logger().info("report in %s", out)
     return out
 

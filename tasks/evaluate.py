@@ -25,6 +25,7 @@ from tasks.model import LockedModel
 
 PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
 METRICS_JSON, TABLE_MD, CATEGORIES_CSV = "metrics.json", "table.md", "categories.csv"
+REPORT_MD = "report.md"
 
 
 def images_key(model: LockedModel, artifact: Path | None = None) -> str:
@@ -174,12 +175,14 @@ def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_
 @task(cache_policy=STAMP_CACHE)
 def write_report(out: Path, fingerprint: str, metrics_dir: Path, per_image: dict[str, Path],
                  eval_prompts: Path, image_root: Path, n_grids: int, title: str) -> Path:
-    """``out``/categories.png (bars per method, binary test else threshold test) and
-    grids/<edit_id>.png: source prompt and a specificity prompt, unedited (before) vs edited (after)."""
+    """``out``/categories.png (bars per method, binary test else threshold test),
+    grids/<edit_id>.png (source prompt and a specificity prompt, unedited (before) vs edited (after))
+    and report.md: the title, ``metrics_dir``'s table.md and the pictures (relative links)."""
     def produce(folder: Path) -> None:
         data = pd.read_csv(metrics_dir / CATEGORIES_CSV)
         test = "binary" if (data["test"] == "binary").any() else "threshold"
         plots.category_bars(data[data["test"] == test], folder / "categories.png", f"{title} ({test})")
+        grids: list[str] = []
         if "unedited" in per_image and "edited" in per_image:
             before = read_parquet(per_image["unedited"] / PER_IMAGE).to_pandas()
             after = read_parquet(per_image["edited"] / PER_IMAGE).to_pandas()
@@ -197,5 +200,15 @@ def write_report(out: Path, fingerprint: str, metrics_dir: Path, per_image: dict
                                  load_image(image_root, path(after))))
                 if rows:
                     plots.edit_grid(rows, folder / "grids" / f"{edit_id}.png", title=edit_id)
+                    grids.append(edit_id)
+        table = (metrics_dir / TABLE_MD).read_text(encoding="utf-8").strip()
+        if table.startswith("# "):  # the metrics' own title: the report's replaces it
+            table = table.partition("\n")[2].strip()
+        md = [f"# {title}", "", table, "",
+              f"## Per category ({test} test)", "", f"![categories ({test} test)](categories.png)", ""]
+        if grids:
+            md += ["## Before / after (unedited | edited)", ""]
+            md += [f"### {e}\n\n![{e}](grids/{e}.png)\n" for e in grids]
+        write_text(folder / REPORT_MD, "\n".join(md))
 
     return run_once(out, fingerprint, produce)
