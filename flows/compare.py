@@ -2,7 +2,9 @@
 metrics, into one table in the layout of the paper's Tables 2/3 (docs/BASELINES.md).
 
 ``python -m flows.compare`` (DVC stage ``compare``) reads params.yaml ``compare``, the locked model
-(data/models/lock.json) and the outputs of ``prepare_datasets`` and ``prepare_corpus``; writes data/compare/{stats.safetensors, edits/<method>/,
+(data/models/lock.json), the outputs of ``prepare_datasets``, ``ner`` (entity spans for EATA),
+``statistics`` and ``projector`` (C0 and P per layer: every method edits against the main run's
+preserved statistics; ``projector.mode``/``value`` set P); writes data/compare/{edits/<method>/,
 eval/<method>/, images/, table/{table.md, table.parquet, table.png, metrics.json}}.
 Per-dataset settings are params (RoAD: ``dvc exp run -S compare.method_params.emcid.lam=6000.0
 -S compare.method_params.refact.layer=7``); each method's edit and evaluation are stamped
@@ -12,7 +14,7 @@ separately, so changing one method's params reruns only that method.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 from pydantic import Field, field_validator
@@ -21,18 +23,21 @@ from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdow
 from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.models import PRESETS
 from tasks._common import fingerprint
-from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, shared_stats, write_table
+from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, write_table
 from tasks.model import locked_model
 
 DATASETS_DIR = Path("data/processed/datasets")
-CORPUS = Path("data/processed/corpus/corpus.parquet")
+ENTITIES = Path("data/ner/entities.parquet")
+MOMENTS = Path("data/statistics/moments")      # C0 per layer (statistics stage)
+PROJECTORS = Path("data/projector/layers")     # P per layer (projector stage)
 MODELS_DIR = Path("data/models")
 OUT = Path("data/compare")
 TINY_CLIP = OUT / "models" / "tiny-clip"
 LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
        "t2iedit.methods.time", "t2iedit.methods.refact", "t2iedit.methods.oracle",
        "t2iedit.methods.compare", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
-       "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "tasks.compare"]
+       "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "t2iedit.ner",
+       "tasks.compare", "tasks.projector", "tasks.values"]
 EVAL_LIB = ["t2iedit.generate", "t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.edit", "tasks.compare"]
 
 
@@ -48,8 +53,6 @@ class CompareParams(StageParams):
     sampling: SamplingParams = SamplingParams()
     clip: str = "tiny"                     # tiny | a CLIP hub id / folder (paper: open_clip bigG)
     clip_revision: str | None = None
-    projector_mode: Literal["absolute", "relative", "rank"] = "relative"
-    projector_value: float = 1.0e-2
     batch_size: int = Field(default=8, ge=1)
 
     @field_validator("methods")
@@ -81,14 +84,6 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     model_id = {"model": identity}
 
     preset = PRESETS[preset_name]
-    layers = sorted(set(preset.edit_layers) | {c.layer for c in configs.values() if hasattr(c, "layer")})
-    stats_fp = fingerprint("compare/stats", {"layers": layers, "mode": p.projector_mode,
-                                             "value": p.projector_value},
-                           inputs=[CORPUS], code=["t2iedit.keys", "t2iedit.projector", "tasks.compare"],
-                           extra=model_id)
-    stats = shared_stats(out / "stats.safetensors", stats_fp, preset_name, source, revision, CORPUS,
-                         layers, p.projector_mode, p.projector_value)
-
     if p.clip == "tiny":
         from t2iedit.clip_eval import build_tiny_clip
 
@@ -102,9 +97,9 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     summaries = {}
     for name in p.methods:
         edit_fp = fingerprint(f"compare/edit/{name}", p.method_params.get(name, {}),
-                              inputs=[edits, stats], code=LIB, extra=model_id)
+                              inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
         art = edit_method(out / "edits" / name, edit_fp, name, p.method_params.get(name, {}),
-                          preset_name, source, revision, edits, stats)
+                          preset_name, source, revision, edits, ENTITIES, MOMENTS, PROJECTORS)
         eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
                                                        "clip": [p.clip, p.clip_revision]},
                               inputs=[art, eval_prompts], code=EVAL_LIB, extra=model_id)

@@ -1,5 +1,5 @@
-"""Prefect tasks of the compare stage: shared statistics → one edit per method → images → metrics →
-one table. Every task takes its output path and fingerprint (STAMP_CACHE) and loads models inside."""
+"""Prefect tasks of the compare stage: the main run's statistics → one edit per method → images →
+metrics → one table. Every task takes its output path and fingerprint (STAMP_CACHE) and loads models inside."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.edit import EditArtifact, edited
 from t2iedit.generate import SamplingConfig, generate_images, model_hash, write_index
-from t2iedit.io import (load_tensors, read_json, read_parquet, save_tensors, tree_sha256, write_json,
-                        write_parquet, write_text)
-from t2iedit.keys import collect_second_moment
+from t2iedit.io import load_meta, read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
+from t2iedit.keys import SecondMoment
 from t2iedit.methods import Components, SharedStats, compute_edit, get_method
-from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column, requests_from_edits
+from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column
 from t2iedit.models import PRESETS, TextEncoderAdapter, load_pipeline
-from t2iedit.projector import null_space_projector
+from t2iedit.projector import NullSpaceProjector
 from tasks._common import STAMP_CACHE, run_once
+from tasks.projector import projector_file
+from tasks.values import edit_requests
 
-STATS_FILE = "stats.safetensors"
 PER_IMAGE, SUMMARY, INDEX = "per_image.parquet", "summary.json", "index.parquet"
 TABLE_MD, TABLE_PARQUET, TABLE_PNG = "table.md", "table.parquet", "table.png"
 
@@ -37,41 +37,34 @@ def load_components(preset: str, source: str, revision: str | None) -> Component
                       value_layer=p.value_layer)
 
 
-@task(cache_policy=STAMP_CACHE)
-def shared_stats(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
-                 corpus: Path, layers: list[int], projector_mode: str, projector_value: float) -> Path:
-    """C0 per layer over the corpus texts and the null-space projector of each: ``C0.<l>``, ``P.<l>``."""
-    def produce(path: Path) -> None:
-        comps = load_components(preset, source, revision)
-        texts = read_parquet(corpus).column("text").to_pylist()
-        moments = collect_second_moment(comps.adapter, comps.tokenizer, texts, layers, progress=False)
-        tensors, meta = {}, {}
-        for layer, m in moments.items():
-            C0 = m.moment()
-            proj = null_space_projector(C0, projector_mode, projector_value)
-            tensors[f"C0.{layer}"], tensors[f"P.{layer}"] = C0, proj.P
-            meta[str(layer)] = proj.metrics()
-        save_tensors(path, tensors, meta={"projectors": meta, "n_texts": len(texts)})
-
-    return run_once(out, fingerprint, produce, also=[Path(str(out) + ".json")])
-
-
-def load_stats(path: Path) -> SharedStats:
-    t = load_tensors(path)
-    layer = lambda k: int(k.split(".")[1])  # noqa: E731
-    return SharedStats(moments={layer(k): v for k, v in t.items() if k.startswith("C0.")},
-                       projectors={layer(k): v for k, v in t.items() if k.startswith("P.")})
+def load_stats(moments_dir: Path, projectors_dir: Path) -> SharedStats:
+    """C0 and the null-space projector P of every layer the main pipeline's ``statistics`` and
+    ``projector`` stages wrote (layer_XX.safetensors in each): every method of the comparison edits
+    against the same preserved statistics as the main run."""
+    moments = {int(load_meta(f)["layer"]): SecondMoment.load(f).moment()
+               for f in sorted(Path(moments_dir).glob("layer_*.safetensors"))}
+    if not moments:
+        raise FileNotFoundError(f"no second moments in {moments_dir}: run the statistics stage first")
+    projectors = {}
+    for layer in moments:
+        f = projector_file(projectors_dir, layer)
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: no projector for layer {layer}; run the projector stage first")
+        projectors[layer] = NullSpaceProjector.load(f).P
+    return SharedStats(moments=moments, projectors=projectors)
 
 
 @task(cache_policy=STAMP_CACHE)
 def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any], preset: str,
-                source: str, revision: str | None, edits: Path, stats: Path) -> Path:
-    """The method's EditArtifact for every single edit of the dataset (folder ``out``)."""
+                source: str, revision: str | None, edits: Path, entities: Path, moments: Path,
+                projectors: Path) -> Path:
+    """The method's EditArtifact for every single edit of the dataset (folder ``out``), with the ner
+    stage's entity spans (``entities``) and the main run's C0 and projectors (:func:`load_stats`)."""
     def produce(folder: Path) -> None:
         torch.manual_seed(0)  # nothing should draw from the global RNG; pin it anyway
         comps = load_components(preset, source, revision)
-        requests = requests_from_edits(read_parquet(edits).to_pandas())
-        compute_edit(method, requests, load_stats(stats), comps, params).save(folder)
+        requests = edit_requests(edits, entities)
+        compute_edit(method, requests, load_stats(moments, projectors), comps, params).save(folder)
 
     return run_once(out, fingerprint, produce)
 

@@ -38,6 +38,25 @@ def _tiny_dataset(folder: Path) -> None:
                                 "source_id": caps.index.astype(str)}), CORPUS_SCHEMA)
 
 
+def _main_run_outputs(folder: Path) -> None:
+    """What the main pipeline's statistics, projector and ner stages leave for compare (their tasks)."""
+    from t2iedit.models import get_preset
+    from tasks.ner import extract_entities
+    from tasks.projector import build_projector, projector_file
+    from tasks.statistics import merge_moments, moment_file, moment_shard
+
+    layers = list(get_preset("tiny").edit_layers)
+    texts = read_parquet(folder / "data/processed/corpus/corpus.parquet").column("text").to_pylist()
+    shard = moment_shard.fn(folder / "data/statistics/shards/shard_00000.safetensors", "fp",
+                            folder / "data/models", texts, layers, 64)
+    moments = merge_moments.fn(folder / "data/statistics/moments", "fp", [shard], layers)
+    for layer in layers:
+        build_projector.fn(projector_file(folder / "data/projector/layers", layer), "fp",
+                           moment_file(moments, layer), "relative", 1.0e-2)
+    extract_entities.fn(folder / "data/ner/entities.parquet", "fp",
+                        folder / "data/processed/datasets/edits.parquet", "heuristic", "", None, "simple", 0.0)
+
+
 def pa_array(values):
     import pyarrow as pa
 
@@ -64,6 +83,7 @@ def _run_compare(tmp_path, monkeypatch, methods):
     monkeypatch.chdir(tmp_path)
     _tiny_dataset(tmp_path)
     lock_model.fn(tmp_path / "data/models/lock.json", "fp", "tiny", 0)  # what prepare_model writes
+    _main_run_outputs(tmp_path)
     params = {
         "compare": {"methods": methods, "seeds": [0, 1], "batch_size": 6,
                     "method_params": {"ours": FAST, "ours-no-projector": FAST, "ours-no-eata": FAST,
@@ -107,3 +127,39 @@ def test_compare_flow_all_methods_on_tiny_preset(prefect_harness, tmp_path, monk
     md = (table / "table.md").read_text()
     assert all(f"| {name} |" in md for name in METHODS)
     assert (tmp_path / "data/compare/edits/oracle/manifest.json").exists()
+
+
+def test_stats_are_the_main_runs_and_missing_ones_name_the_stage(tmp_path):
+    from t2iedit.keys import SecondMoment
+    from t2iedit.projector import NullSpaceProjector
+    from tasks.compare import load_stats
+
+    with pytest.raises(FileNotFoundError, match="run the statistics stage first"):
+        load_stats(tmp_path / "moments", tmp_path / "layers")
+    _tiny_dataset(tmp_path)
+    lock_model.fn(tmp_path / "data/models/lock.json", "fp", "tiny", 0)
+    _main_run_outputs(tmp_path)
+    moments, layers = tmp_path / "data/statistics/moments", tmp_path / "data/projector/layers"
+    stats = load_stats(moments, layers)
+    assert sorted(stats.moments) == sorted(stats.projectors) == [0, 1, 2, 3, 4]
+    m = SecondMoment.load(moments / "layer_03.safetensors")
+    assert torch.equal(stats.moment(3), m.sum / m.count)
+    assert torch.equal(stats.projectors[3], NullSpaceProjector.load(layers / "layer_03.safetensors").P)
+    (layers / "layer_02.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="layer_02.safetensors: no projector for layer 2"):
+        load_stats(moments, layers)
+
+
+def test_dvc_stage_reads_the_main_runs_outputs_and_declares_its_code():
+    from test_pipeline_dvc import NOT_DEPS, _covered, _outs, load_dvc_yaml, project_imports
+
+    stage = yaml.safe_load((ROOT / "pipelines/compare/dvc.yaml").read_text())["stages"]["compare"]
+    assert stage["wdir"] == "../.." and stage["cmd"] == "python -m flows.compare"
+    deps = [str(d) for d in stage["deps"]]
+    missing = sorted(str(p) for p in project_imports("flows.compare") - NOT_DEPS if not _covered(p, deps))
+    assert not missing, f"compare deps must list the code it imports: {missing}"
+    made = {o for st in load_dvc_yaml().values() for o in _outs(st)}  # the default pipeline's outputs
+    for d in ("data/statistics/moments", "data/projector/layers", "data/ner/entities.parquet", "data/models"):
+        assert d in deps and d in made, d
+    assert all((ROOT / d).exists() or _covered(Path(d), list(made)) for d in deps), deps
+    assert stage["params"] == ["compare"] and "compare" not in load_dvc_yaml()
