@@ -3,8 +3,8 @@ before/after grid (source prompt and a specificity prompt; unedited vs edited, s
 
 ``python -m flows.report`` (DVC stage ``report``) reads params.yaml ``report``,
 data/eval/metrics/summary/categories.csv, data/eval/metrics/<method>/per_image.parquet and
-data/eval/images/; writes data/eval/report/{report.md, categories.png, grids/<edit_id>.png}; report.md is also
-published as the Prefect artifact ``eval-report``.
+data/eval/images/; writes data/eval/report/{report.md, categories.png, grids/<edit_id>.png};
+report.md is also published as the Prefect artifact ``eval-report``.
 """
 
 from __future__ import annotations

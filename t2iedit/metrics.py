@@ -328,7 +328,8 @@ def retest_thresholds(rows: pd.DataFrame, eval_prompts: pd.DataFrame,
     th = eval_prompts.set_index("prompt_id")[f"threshold_{sigma}"]
     unknown = sorted(set(rows["prompt_id"]) - set(th.index))
     if unknown:
-        raise ValueError(f"{len(unknown)} scored prompts are not in the evaluation prompts, e.g. {unknown[:3]}")
+        raise ValueError(f"{len(unknown)} scored prompts are not in the evaluation prompts, "
+                         f"e.g. {unknown[:3]}")
     rows = rows.reset_index(drop=True).copy()
     rows["threshold"] = rows["prompt_id"].map(th).astype("Float64")
     return _test_thresholds(rows)

@@ -1,5 +1,6 @@
 """Prefect tasks of the compare stage: the main run's statistics → one edit per method → images →
-metrics → one table. Every task takes its output path and fingerprint (STAMP_CACHE) and loads models inside."""
+metrics → one table. Every task takes its output path and fingerprint (STAMP_CACHE) and loads models
+inside."""
 
 from __future__ import annotations
 

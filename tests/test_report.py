@@ -13,7 +13,8 @@ from PIL import Image
 from t2iedit.io import write_parquet, write_text
 
 EDITS = ["e0", "e1", "e2"]
-TABLE = "# Metrics title\n\n## threshold test\n\n| method | Efficacy | Score |\n|---|---|---|\n| edited | 80.0 | 70.0 |\n"
+TABLE = ("# Metrics title\n\n## threshold test\n\n"
+         "| method | Efficacy | Score |\n|---|---|---|\n| edited | 80.0 | 70.0 |\n")
 
 
 def _inputs(root: Path) -> None:
@@ -32,9 +33,10 @@ def _inputs(root: Path) -> None:
         write_parquet(root / f"data/eval/metrics/{method}/per_image.parquet", pd.DataFrame(rows))
     summary = root / "data/eval/metrics/summary"
     summary.mkdir(parents=True)
-    pd.DataFrame([{"method": m, "category": c, "mean": v, "std": 1.0, "test": "threshold"}
-                  for m, v in (("unedited", 10.0), ("edited", 80.0))
-                  for c in ("Efficacy", "Specificity", "Score")]).to_csv(summary / "categories.csv", index=False)
+    bars = pd.DataFrame([{"method": m, "category": c, "mean": v, "std": 1.0, "test": "threshold"}
+                         for m, v in (("unedited", 10.0), ("edited", 80.0))
+                         for c in ("Efficacy", "Specificity", "Score")])
+    bars.to_csv(summary / "categories.csv", index=False)
     write_text(summary / "table.md", TABLE)
 
 
@@ -62,7 +64,8 @@ def test_report_pictures_markdown_and_prefect_artifact(prefect_harness, tmp_path
     assert all((out / link).is_file() for link in links)
 
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-report"])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-report"])))
     assert arts and arts[-1].type == "markdown" and arts[-1].data == md
 
 
@@ -71,7 +74,8 @@ def test_report_without_the_edited_method_has_no_grids(prefect_harness, tmp_path
 
     monkeypatch.chdir(tmp_path)
     _inputs(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": {"methods": ["unedited"]}, "report": {}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": {"methods": ["unedited"]},
+                                                          "report": {}}))
     out = report(params_file="params.yaml")
     md = (out / "report.md").read_text()
     assert "Before / after" not in md and not (out / "grids").exists()
