@@ -61,26 +61,51 @@ def merge_index(out: Path, fingerprint: str, batches: list[Path]) -> Path:
 
 
 @task(cache_policy=STAMP_CACHE)
-def score_method(out: Path, fingerprint: str, method: str, prompt_column: str, eval_prompts: Path,
-                 index: Path, image_root: Path, clip_source: str, clip_revision: str | None,
-                 sigma: str, batch_size: int, scored: Path | None = None) -> Path:
-    """``out``/per_image.parquet and summary.json (``{test: metrics.summarize}``) of one method.
-
-    ``scored``: the per_image.parquet of these same images already scored by this classifier (under
-    other thresholds): its scores are re-tested against ``eval_prompts``' thresholds, not recomputed."""
+def score_batch(out: Path, fingerprint: str, method: str, prompt_column: str, eval_prompts: Path,
+                prompt_ids: list[str], index: Path, image_root: Path, clip_source: str,
+                clip_revision: str | None, sigma: str, batch_size: int) -> Path:
+    """``out``: per-image rows (:data:`metrics.PER_IMAGE_SCHEMA`) of one batch of evaluation prompts
+    (``prompt_ids``, every seed of the index), both image tests run by the classifier ``clip_source``."""
     from t2iedit.clip_eval import ClipEncoder
 
-    def produce(folder: Path) -> None:
+    def produce(path: Path) -> None:
         ep = read_parquet(eval_prompts).to_pandas()
-        if scored is not None:
-            rows = M.retest_thresholds(read_parquet(scored).to_pandas(), ep, sigma)
-        else:
-            rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
-                                     read_index(index).to_pandas(), image_root, method,
-                                     prompt_column=prompt_column, sigma=sigma, batch_size=batch_size)
-        write_parquet(folder / PER_IMAGE, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
-        write_json(folder / SUMMARY, {t: M.summarize(rows, f"{t}_success") for t in M.TESTS
-                                      if rows[f"{t}_success"].notna().any()})
+        ep = ep[ep["prompt_id"].isin(prompt_ids)]
+        if len(ep) != len(set(prompt_ids)):
+            raise ValueError(f"{eval_prompts}: {len(set(prompt_ids)) - len(ep)} of the batch's prompt ids "
+                             "are not in the evaluation prompts")
+        rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
+                                 read_index(index).to_pandas(), image_root, method,
+                                 prompt_column=prompt_column, sigma=sigma, batch_size=batch_size)
+        write_parquet(path, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
+
+    return run_once(out, fingerprint, produce)
+
+
+def _write_scores(folder: Path, table: pa.Table) -> None:
+    """``folder``/per_image.parquet and summary.json (``{test: metrics.summarize}``)."""
+    write_parquet(folder / PER_IMAGE, table, M.PER_IMAGE_SCHEMA)
+    rows = table.to_pandas()
+    write_json(folder / SUMMARY, {t: M.summarize(rows, f"{t}_success") for t in M.TESTS
+                                  if rows[f"{t}_success"].notna().any()})
+
+
+@task(cache_policy=STAMP_CACHE)
+def merge_scores(out: Path, fingerprint: str, batches: list[Path]) -> Path:
+    """One method's scored batches (:func:`score_batch`) → ``out``/per_image.parquet, summary.json."""
+    return run_once(out, fingerprint, lambda folder: _write_scores(
+        folder, pa.concat_tables([read_parquet(b, M.PER_IMAGE_SCHEMA) for b in batches])))
+
+
+@task(cache_policy=STAMP_CACHE)
+def retest_scores(out: Path, fingerprint: str, scored: Path, eval_prompts: Path, sigma: str) -> Path:
+    """``out``/per_image.parquet and summary.json of images already scored by this classifier under
+    other thresholds (``scored``: their per_image.parquet), re-tested against ``eval_prompts``'
+    thresholds without running the classifier again."""
+    def produce(folder: Path) -> None:
+        rows = M.retest_thresholds(read_parquet(scored).to_pandas(),
+                                   read_parquet(eval_prompts).to_pandas(), sigma)
+        _write_scores(folder, M.per_image_table(rows))
 
     return run_once(out, fingerprint, produce)
 
