@@ -164,16 +164,9 @@ def test_params_section_is_valid_and_defaults_to_the_paper_protocol():
 
 
 def test_dvc_stage_declares_its_code_and_stays_out_of_the_default_repro():
-    from test_pipeline_dvc import NOT_DEPS, _covered, _outs, load_dvc_yaml, project_imports
+    from test_pipeline_dvc import side_pipeline_stage
 
-    stage = yaml.safe_load((REPO / "pipelines/fid/dvc.yaml").read_text())["stages"]["fid"]
-    assert stage["wdir"] == "../.." and stage["cmd"] == "python -m flows.fid"
-    deps = [str(d) for d in stage["deps"]]
-    missing = sorted(str(p) for p in project_imports("flows.fid") - NOT_DEPS if not _covered(p, deps))
-    assert not missing, f"fid deps must list the code it imports: {missing}"
-    made = [o for st in load_dvc_yaml().values() for o in _outs(st)]  # the default pipeline's outputs
-    assert all((REPO / d).exists() or _covered(Path(d), made) for d in deps), deps
-    assert stage["params"] == ["fid"] and "data/models" in deps  # the model: prepare_model's lock
-    assert "fid" not in load_dvc_yaml()  # ./dvc.yaml (the default `dvc repro`) never runs it
+    stage, deps, _ = side_pipeline_stage("fid")  # ./dvc.yaml (the default `dvc repro`) never runs it
+    assert "data/models" in deps  # the model: prepare_model's lock
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"] + stage["metrics"]]
     assert "data/eval/fid/metrics.json" in outs and "data/eval/fid/clip_scores.parquet" in outs

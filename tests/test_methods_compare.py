@@ -151,15 +151,8 @@ def test_stats_are_the_main_runs_and_missing_ones_name_the_stage(tmp_path):
 
 
 def test_dvc_stage_reads_the_main_runs_outputs_and_declares_its_code():
-    from test_pipeline_dvc import NOT_DEPS, _covered, _outs, load_dvc_yaml, project_imports
+    from test_pipeline_dvc import side_pipeline_stage
 
-    stage = yaml.safe_load((ROOT / "pipelines/compare/dvc.yaml").read_text())["stages"]["compare"]
-    assert stage["wdir"] == "../.." and stage["cmd"] == "python -m flows.compare"
-    deps = [str(d) for d in stage["deps"]]
-    missing = sorted(str(p) for p in project_imports("flows.compare") - NOT_DEPS if not _covered(p, deps))
-    assert not missing, f"compare deps must list the code it imports: {missing}"
-    made = {o for st in load_dvc_yaml().values() for o in _outs(st)}  # the default pipeline's outputs
+    _, deps, made = side_pipeline_stage("compare")
     for d in ("data/statistics/moments", "data/projector/layers", "data/ner/entities.parquet", "data/models"):
         assert d in deps and d in made, d
-    assert all((ROOT / d).exists() or _covered(Path(d), list(made)) for d in deps), deps
-    assert stage["params"] == ["compare"] and "compare" not in load_dvc_yaml()

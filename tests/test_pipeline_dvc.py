@@ -228,6 +228,22 @@ def test_stage_declares_its_code_and_params(name):
             f"{name}: reads params section {section!r} but lists only {listed}"
 
 
+def side_pipeline_stage(name: str) -> tuple[dict, list[str], set[str]]:
+    """The stage ``name`` of its own pipeline file, pipelines/<name>/dvc.yaml (kept out of the default
+    `dvc repro`), checked like ./dvc.yaml's: runs ``flows.<name>`` from the repo root, lists the code it
+    imports and only its own params section, and every dep exists or is a default-pipeline output.
+    Returns (stage, deps, the default pipeline's outputs)."""
+    stage = yaml.safe_load((REPO / f"pipelines/{name}/dvc.yaml").read_text())["stages"][name]
+    assert stage["wdir"] == "../.." and stage["cmd"] == f"python -m flows.{name}"
+    deps = [str(d) for d in stage["deps"]]
+    missing = sorted(str(p) for p in project_imports(f"flows.{name}") - NOT_DEPS if not _covered(p, deps))
+    assert not missing, f"{name} deps must list the code it imports: {missing}"
+    made = {o for st in load_dvc_yaml().values() for o in _outs(st)}
+    assert all((REPO / d).exists() or _covered(Path(d), list(made)) for d in deps), deps
+    assert stage["params"] == [name] and name not in load_dvc_yaml()
+    return stage, deps, made
+
+
 def _all_outs() -> set[Path]:
     outs = set()
     for f in [REPO / "dvc.yaml", *sorted(REPO.glob("pipelines/*/dvc.yaml"))]:
