@@ -22,6 +22,7 @@ from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_
 from t2iedit.models import PRESETS, TextEncoderAdapter, load_pipeline
 from t2iedit.projector import NullSpaceProjector
 from tasks._common import STAMP_CACHE, run_once
+from tasks.evaluate import clip_encoder
 from tasks.projector import projector_file
 from tasks.values import edit_requests
 
@@ -78,8 +79,6 @@ def evaluate_method(out: Path, fingerprint: str, method: str, preset: str, sourc
     """Generate the method's images (edit applied) and score them: ``out``/per_image.parquet,
     summary.json (``{test: metrics.summarize}``), index.parquet. ``model_id``: the base weights'
     content identity (``tasks.model.lock_identity``); images are keyed by it and the edit's content."""
-    from t2iedit.clip_eval import ClipEncoder
-
     def produce(folder: Path) -> None:
         comps = load_components(preset, source, revision)
         art = EditArtifact.load(artifact)
@@ -93,7 +92,7 @@ def evaluate_method(out: Path, fingerprint: str, method: str, preset: str, sourc
                                     mh, SamplingConfig(**sampling), batch_size=batch_size,
                                     progress=False)
         index_df = read_parquet(write_index(folder / INDEX, [index])).to_pandas()
-        rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
+        rows = M.evaluate_images(clip_encoder(clip_source, clip_revision), ep,
                                  index_df, image_root, method, prompt_column=col)
         write_parquet(folder / PER_IMAGE, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
         summary = {}

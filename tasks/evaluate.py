@@ -7,11 +7,13 @@ own small index file, so a killed run keeps every finished batch.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import torch
 from prefect import task
 
 from t2iedit import metrics as M
@@ -26,6 +28,24 @@ from tasks.model import LockedModel
 PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
 METRICS_JSON, TABLE_MD, CATEGORIES_CSV = "metrics.json", "table.md", "categories.csv"
 REPORT_MD = "report.md"
+
+
+_CLIP_LOCK = threading.Lock()
+_CLIP: dict[tuple[str, str | None], Any] = {}
+
+
+def clip_encoder(source: str, revision: str | None = None):
+    """The classifier (``t2iedit.clip_eval.ClipEncoder``), loaded once per process — the mapped
+    scoring batches of a thread runner or a Dask worker share it — on the GPU when there is one."""
+    with _CLIP_LOCK:  # also serialises the first import of transformers' CLIP classes
+        from t2iedit.clip_eval import ClipEncoder
+
+        key = (str(source), revision)
+        if key not in _CLIP:
+            _CLIP.clear()  # one classifier resident at a time
+            _CLIP[key] = ClipEncoder.from_pretrained(source, revision,
+                                                     device="cuda" if torch.cuda.is_available() else "cpu")
+        return _CLIP[key]
 
 
 def images_key(model: LockedModel, artifact: Path | None = None) -> str:
@@ -66,15 +86,13 @@ def score_batch(out: Path, fingerprint: str, method: str, prompt_column: str, ev
                 clip_revision: str | None, sigma: str, batch_size: int) -> Path:
     """``out``: per-image rows (:data:`metrics.PER_IMAGE_SCHEMA`) of one batch of evaluation prompts
     (``prompt_ids``, every seed of the index), both image tests run by the classifier ``clip_source``."""
-    from t2iedit.clip_eval import ClipEncoder
-
     def produce(path: Path) -> None:
         ep = read_parquet(eval_prompts).to_pandas()
         ep = ep[ep["prompt_id"].isin(prompt_ids)]
         if len(ep) != len(set(prompt_ids)):
             raise ValueError(f"{eval_prompts}: {len(set(prompt_ids)) - len(ep)} of the batch's prompt ids "
                              "are not in the evaluation prompts")
-        rows = M.evaluate_images(ClipEncoder.from_pretrained(clip_source, clip_revision), ep,
+        rows = M.evaluate_images(clip_encoder(clip_source, clip_revision), ep,
                                  read_index(index).to_pandas(), image_root, method,
                                  prompt_column=prompt_column, sigma=sigma, batch_size=batch_size)
         write_parquet(path, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)

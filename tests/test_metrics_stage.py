@@ -83,3 +83,14 @@ def test_scoring_is_fanned_out_and_equals_one_pass(generated, tmp_path):
         f"{i:05d}.parquet" for i in range(3)]
     pd.testing.assert_frame_equal(read_parquet(root / METRICS_DIR / "unedited/per_image.parquet").to_pandas(),
                                   merged)
+
+
+def test_classifier_is_loaded_once_per_process_and_replaced_by_another(tmp_path):
+    from tasks.evaluate import clip_encoder
+
+    a, b = build_tiny_clip(tmp_path / "a", seed=0), build_tiny_clip(tmp_path / "b", seed=1)
+    first = clip_encoder(str(a))
+    assert clip_encoder(str(a)) is first  # mapped batches share one copy
+    other = clip_encoder(str(b))
+    assert other is not first and other.name == str(b)
+    assert clip_encoder(str(a)) is not first  # one resident at a time: reloaded after b
