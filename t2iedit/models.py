@@ -180,6 +180,12 @@ def _hub_kwargs(source: str | os.PathLike, revision: str | None) -> dict:
     return kwargs
 
 
+def default_device() -> torch.device:
+    """Where the stages run models: the GPU when there is one (evaluation, key statistics, value
+    optimisation), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_pipeline(source: str | os.PathLike, revision: str | None = None,
                   torch_dtype: torch.dtype = torch.float32):
     """Load a Stable Diffusion pipeline from a hub id (pinned revision) or a local folder.

@@ -19,7 +19,7 @@ from t2iedit.io import load_meta, read_json, read_parquet, tree_sha256, write_js
 from t2iedit.keys import SecondMoment
 from t2iedit.methods import Components, SharedStats, compute_edit, get_method
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column
-from t2iedit.models import PRESETS, TextEncoderAdapter, load_pipeline
+from t2iedit.models import PRESETS, TextEncoderAdapter, default_device, load_pipeline
 from t2iedit.projector import NullSpaceProjector
 from tasks._common import STAMP_CACHE, run_once
 from tasks.evaluate import clip_encoder
@@ -32,7 +32,7 @@ TABLE_MD, TABLE_PARQUET, TABLE_PNG = "table.md", "table.parquet", "table.png"
 
 def load_components(preset: str, source: str, revision: str | None) -> Components:
     p = PRESETS[preset]
-    pipe = load_pipeline(source, revision)
+    pipe = load_pipeline(source, revision).to(default_device())
     return Components(pipe=pipe, adapter=TextEncoderAdapter(pipe.text_encoder, p.text_layer_template,
                                                              p.text_block_template),
                       base_model_id=preset, base_revision=revision, edit_layers=p.edit_layers,

@@ -13,7 +13,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import torch
 from prefect import task
 
 from t2iedit import metrics as M
@@ -21,7 +20,7 @@ from t2iedit import plots
 from t2iedit.generate import (SamplingConfig, generate_images, load_image, model_hash, read_index,
                               write_index)
 from t2iedit.io import read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
-from t2iedit.models import load_pipeline, load_text_encoder
+from t2iedit.models import default_device, load_pipeline, load_text_encoder
 from tasks._common import STAMP_CACHE, run_once
 from tasks.model import LockedModel
 
@@ -43,8 +42,7 @@ def clip_encoder(source: str, revision: str | None = None):
         key = (str(source), revision)
         if key not in _CLIP:
             _CLIP.clear()  # one classifier resident at a time
-            _CLIP[key] = ClipEncoder.from_pretrained(source, revision,
-                                                     device="cuda" if torch.cuda.is_available() else "cpu")
+            _CLIP[key] = ClipEncoder.from_pretrained(source, revision, device=default_device())
         return _CLIP[key]
 
 
@@ -59,7 +57,7 @@ def generate_batch(out: Path, fingerprint: str, preset: str, source: str, revisi
                    model_hash: str, sampling: dict[str, Any], batch_size: int) -> Path:
     """Images of one batch of (prompt, seed) under ``image_root``; ``out`` = the batch's index."""
     def produce(path: Path) -> None:
-        pipe = load_pipeline(source, revision)
+        pipe = load_pipeline(source, revision).to(default_device())
         if artifact is None:
             index = generate_images(pipe, items, image_root, model_hash, SamplingConfig(**sampling),
                                     batch_size=batch_size)

@@ -12,6 +12,7 @@ from prefect import task
 
 from t2iedit.io import load_meta, load_tensors, save_tensors, sidecar_path
 from t2iedit.keys import SecondMoment, collect_second_moment
+from t2iedit.models import default_device
 from tasks._common import STAMP_CACHE, run_once
 from tasks.model import load_locked_encoder
 
@@ -26,6 +27,7 @@ def moment_shard(out: Path, fingerprint: str, models_dir: Path, texts: list[str]
     """``Σ k kᵀ`` of every layer over one shard of texts: tensors ``"<layer>"``, counts in the sidecar."""
     def produce(path: Path) -> None:
         _, tokenizer, adapter = load_locked_encoder(models_dir)
+        adapter.model.to(default_device())
         moments = collect_second_moment(adapter, tokenizer, texts, layers, batch_size=batch_size,
                                         progress=False)
         save_tensors(path, {str(l): m.sum for l, m in moments.items()},

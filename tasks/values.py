@@ -15,7 +15,7 @@ import torch
 from prefect import task
 
 from t2iedit.io import load_meta, load_tensors, read_parquet, save_tensors, sidecar_path, write_parquet
-from t2iedit.models import TextEncoderAdapter, load_pipeline
+from t2iedit.models import TextEncoderAdapter, default_device, load_pipeline
 from t2iedit.ner import ENTITY_SCHEMA, spans_by_edit
 from t2iedit.prompts import EditRequest
 from t2iedit.values import (LOSS_SCHEMA, ValueConfig, ValueResult, VisualInputs, compute_target_values,
@@ -28,10 +28,6 @@ from tasks.model import load_locked_encoder, read_lock
 # Mapped tasks run in threads; transformers' lazy imports are not thread-safe (concurrent first
 # imports fail with "cannot import name 'AutoModel'"), so model loading is serialised.
 _LOAD_LOCK = threading.Lock()
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def edit_requests(edits_parquet: Path, entities_parquet: Path) -> list[EditRequest]:
@@ -63,7 +59,7 @@ def source_latents(out: Path, fingerprint: str, models_dir: Path, edit_ids: list
     def produce(path: Path) -> None:
         lock = read_lock(models_dir)
         with _LOAD_LOCK:
-            pipe = load_pipeline(lock["source"], lock["revision"]).to(device())
+            pipe = load_pipeline(lock["source"], lock["revision"]).to(default_device())
         steps = num_inference_steps
         if steps is None:
             from t2iedit.models import get_preset
@@ -90,7 +86,7 @@ def values_batch(out: Path, fingerprint: str, models_dir: Path, requests: list[d
                 raise ValueError("lambda_visual > 0 needs the source latents")
             lock = read_lock(models_dir)
             with _LOAD_LOCK:
-                pipe = load_pipeline(lock["source"], lock["revision"]).to(device())
+                pipe = load_pipeline(lock["source"], lock["revision"]).to(default_device())
             adapter = TextEncoderAdapter(pipe.text_encoder, lock["text_layer_template"],
                                          lock["text_block_template"])
             tokenizer = pipe.tokenizer
@@ -101,7 +97,7 @@ def values_batch(out: Path, fingerprint: str, models_dir: Path, requests: list[d
         else:
             with _LOAD_LOCK:
                 _, tokenizer, adapter = load_locked_encoder(models_dir)
-            adapter.model.to(device())
+            adapter.model.to(default_device())
         res = compute_target_values(tokenizer, adapter.model, adapter.block(value_layer), reqs, cfg,
                                     visual, value_layer)
         save_tensors(path, value_tensors(res), value_meta(res, cfg))
