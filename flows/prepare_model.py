@@ -2,7 +2,8 @@
 
 ``python -m flows.prepare_model`` (DVC stage ``prepare_model``) reads params.yaml ``model`` and writes
 data/models/lock.json (preset, source, revision, sha256 of every file) — plus the tiny preset's
-weights under data/models/tiny-seed<seed>/; a hub preset's weights live in the Hugging Face cache.
+weights under data/models/tiny-seed<seed>/; a hub preset's weights live in the Hugging Face cache;
+``model.source`` (a local folder) replaces both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 from prefect import flow
 
 from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
+from t2iedit.io import tree_sha256
 from tasks._common import fingerprint
 from tasks.model import LOCK_FILE, lock_model
 
@@ -23,13 +25,18 @@ CODE = ["t2iedit.models", "t2iedit.io", "tasks.model"]
 class ModelParams(StageParams):
     preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
     seed: int = 0  # seed of the tiny model's weights (ignored by hub presets)
+    # a local pipeline folder (save_pretrained) of the preset's architecture, instead of the hub
+    # snapshot / the built tiny weights; outside the repo, so DVC does not watch it: after changing
+    # its files, `dvc repro -f prepare_model` (the lock then re-hashes them)
+    source: str | None = None
 
 
 @flow(name="prepare_model")
 def prepare_model(params_file: str = PARAMS_FILE) -> Path:
     p = load_params("model", ModelParams, params_file)
-    fp = fingerprint("prepare_model", p, code=CODE)
-    lock = lock_model(MODELS_DIR / LOCK_FILE, fp, p.preset, p.seed)
+    extra = {"source_files": tree_sha256(p.source)} if p.source and Path(p.source).is_dir() else None
+    fp = fingerprint("prepare_model", p, code=CODE, extra=extra)
+    lock = lock_model(MODELS_DIR / LOCK_FILE, fp, p.preset, p.seed, p.source)
     logger().info("model %s locked in %s", p.preset, lock)
     return lock
 

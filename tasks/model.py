@@ -34,21 +34,26 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 @task(cache_policy=STAMP_CACHE)
-def lock_model(out: Path, fingerprint: str, preset: str, seed: int) -> Path:
+def lock_model(out: Path, fingerprint: str, preset: str, seed: int, source: str | None = None) -> Path:
     """Write the lock file ``out`` (building the tiny pipeline beside it, or resolving the hub
-    snapshot at the preset's pinned revision; ``HF_HUB_OFFLINE=1`` uses the cache only)."""
+    snapshot at the preset's pinned revision; ``HF_HUB_OFFLINE=1`` uses the cache only). ``source``:
+    a local pipeline folder (``save_pretrained``) of the preset's architecture, used instead."""
     def produce(path: Path) -> None:
         pre = get_preset(preset)
-        if pre.tiny:
+        if source is not None:
+            folder = check_pipeline_folder(Path(source), preset)
+            source_, revision = folder.as_posix(), None
+        elif pre.tiny:
             folder = build_tiny_pipeline(tiny_folder[0], seed=seed)
-            source, revision = folder.as_posix(), None
+            source_, revision = folder.as_posix(), None
         else:
             from huggingface_hub import snapshot_download
 
             folder = Path(snapshot_download(pre.repo_id, revision=pre.revision, allow_patterns=HUB_PATTERNS))
-            source, revision = pre.repo_id, pre.revision
+            source_, revision = pre.repo_id, pre.revision
         write_json(path, {
-            "preset": preset, "seed": seed if pre.tiny else None, "source": source, "revision": revision,
+            "preset": preset, "seed": seed if pre.tiny and source is None else None, "source": source_,
+            "revision": revision,
             # the identity an EditArtifact records and is checked against (same as flows.generate)
             "base_model_id": preset, "base_revision": revision,
             "text_layer_template": pre.text_layer_template, "text_block_template": pre.text_block_template,
@@ -56,8 +61,27 @@ def lock_model(out: Path, fingerprint: str, preset: str, seed: int) -> Path:
             "files": _hashes(folder),
         })
 
-    tiny_folder = [out.parent / f"tiny-seed{seed}"] if get_preset(preset).tiny else []
+    tiny_folder = [out.parent / f"tiny-seed{seed}"] if get_preset(preset).tiny and source is None else []
     return run_once(out, fingerprint, produce, also=tiny_folder)  # the stamp covers the tiny weights too
+
+
+def check_pipeline_folder(folder: Path, preset: str) -> Path:
+    """``folder`` if it is a Stable Diffusion pipeline saved with ``save_pretrained`` whose text encoder
+    has the layers the preset edits; else a ValueError naming ``model.source`` and what is wrong."""
+    pre = get_preset(preset)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"model.source: {folder} has no model_index.json (expected a folder saved with "
+                         "StableDiffusionPipeline.save_pretrained)")
+    cfg = folder / "text_encoder" / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"model.source: {cfg} is missing (the pipeline's text encoder)")
+    n_layers = int(read_json(cfg)["num_hidden_layers"])
+    needed = max(*pre.edit_layers, pre.value_layer)
+    if n_layers <= needed:
+        raise ValueError(f"model.source: {cfg} has {n_layers} text-encoder layers but preset {preset!r} "
+                         f"edits layers {list(pre.edit_layers)} (value layer {pre.value_layer}): "
+                         "choose the preset of this architecture (model.preset)")
+    return folder.resolve()
 
 
 def read_lock(models_dir: Path) -> dict[str, Any]:

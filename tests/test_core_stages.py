@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2iedit.edit import EditArtifact, edited
-from t2iedit.io import load_meta, read_json, save_tensors, write_parquet
+from t2iedit.io import file_sha256, load_meta, read_json, save_tensors, write_parquet
 from t2iedit.keys import SecondMoment, collect_second_moment, compute_hidden
 from t2iedit.prompts import EditRequest
 from tasks._common import is_done, item_fingerprint
@@ -41,6 +41,29 @@ def test_lock_model_builds_tiny_and_pins_it(stages):
     before = (models / "tiny-seed0" / "text_encoder" / "model.safetensors").stat().st_mtime_ns
     lock_model.fn(models / "lock.json", "fp-model", "tiny", 0)  # valid stamp: nothing rebuilt
     assert (models / "tiny-seed0" / "text_encoder" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_lock_model_pins_a_local_pipeline_folder(tmp_path):
+    """model.source: a save_pretrained folder replaces the built tiny weights (and the hub snapshot)."""
+    from t2iedit.models import build_tiny_pipeline, load_text_encoder
+
+    folder = build_tiny_pipeline(tmp_path / "my-sd", seed=3)
+    models = tmp_path / "models"
+    data = read_json(lock_model.fn(models / "lock.json", "fp", "tiny", 0, str(folder)))
+    assert data["source"] == folder.resolve().as_posix() and data["seed"] is None
+    assert data["files"]["text_encoder/model.safetensors"] == file_sha256(
+        folder / "text_encoder/model.safetensors")
+    assert not (models / "tiny-seed0").exists()  # nothing built
+    _, _, adapter = load_locked_encoder(models)  # later stages load the folder's weights
+    _, seed3 = load_text_encoder(folder)
+    for a, b in zip(adapter.model.parameters(), seed3.parameters()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(ValueError, match=r"model.source: .*nowhere has no model_index.json"):
+        lock_model.fn(tmp_path / "m2/lock.json", "fp", "tiny", 0, str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match=r"model.source: .* text-encoder layers but preset 'sd-v1-4'"):
+        lock_model.fn(tmp_path / "m3/lock.json", "fp", "sd-v1-4", 0, str(folder))
+    assert not (tmp_path / "m2/lock.json").exists() and not (tmp_path / "m3/lock.json").exists()
 
 
 def test_statistics_projector_edit_chain(stages):
