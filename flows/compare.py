@@ -38,7 +38,8 @@ LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2ied
        "t2iedit.methods.compare", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
        "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "t2iedit.ner",
        "tasks.compare", "tasks.projector", "tasks.values"]
-EVAL_LIB = ["t2iedit.generate", "t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.edit", "tasks.compare"]
+EVAL_LIB = ["t2iedit.generate", "t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.edit", "tasks.compare",
+            "tasks.evaluate"]
 
 
 class SamplingParams(StageParams):
@@ -80,10 +81,9 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
             raise ValueError(f"compare.method_params has {name!r}, which is not in compare.methods")
     configs = {name: build_config(get_method(name), p.method_params.get(name)) for name in p.methods}
     model = locked_model(MODELS_DIR)
-    preset_name, source, revision, identity = model.preset, model.source, model.revision, model.identity
-    model_id = {"model": identity}
+    model_id = {"model": model.identity}
 
-    preset = PRESETS[preset_name]
+    preset = PRESETS[model.preset]
     if p.clip == "tiny":
         from t2iedit.clip_eval import build_tiny_clip
 
@@ -92,27 +92,26 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
         clip_source = str(TINY_CLIP)
     else:
         clip_source = p.clip
-    sampling = sampling_config(p, preset_name)
+    sampling = sampling_config(p, model.preset)
     edits, eval_prompts = DATASETS_DIR / "edits.parquet", DATASETS_DIR / "eval_prompts.parquet"
     summaries = {}
     for name in p.methods:
         edit_fp = fingerprint(f"compare/edit/{name}", p.method_params.get(name, {}),
                               inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
         art = edit_method(out / "edits" / name, edit_fp, name, p.method_params.get(name, {}),
-                          preset_name, source, revision, edits, ENTITIES, MOMENTS, PROJECTORS)
+                          model, edits, ENTITIES, MOMENTS, PROJECTORS)
         eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
                                                        "clip": [p.clip, p.clip_revision]},
                               inputs=[art, eval_prompts], code=EVAL_LIB, extra=model_id)
-        ev = evaluate_method(out / "eval" / name, eval_fp, name, preset_name, source, revision, identity,
-                             art, eval_prompts, out / "images", p.seeds, sampling, clip_source,
-                             p.clip_revision, p.batch_size)
+        ev = evaluate_method(out / "eval" / name, eval_fp, name, model, art, eval_prompts, out / "images",
+                             p.seeds, sampling, clip_source, p.clip_revision, p.batch_size)
         summaries[name] = ev / SUMMARY
         logger().info("compare: %s done (%s)", name, ev)
     table_fp = fingerprint("compare/table", {"methods": p.methods}, inputs=list(summaries.values()),
                            code=["t2iedit.methods.compare", "t2iedit.metrics", "t2iedit.plots",
                                  "tasks.compare"])
     table = write_table(out / "table", table_fp, summaries,
-                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({preset_name})")
+                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({model.preset})")
     markdown_artifact("compare-table", (table / TABLE_MD).read_text(encoding="utf-8"),
                       description="methods × categories, mean ± std over seeds")
     return table

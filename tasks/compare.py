@@ -14,20 +14,20 @@ from prefect import task
 from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.edit import EditArtifact, edited
-from t2iedit.generate import SamplingConfig, generate_images, model_hash, write_index
-from t2iedit.io import load_meta, read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
+from t2iedit.generate import SamplingConfig, generate_images, write_index
+from t2iedit.io import load_meta, read_json, read_parquet, write_json, write_parquet, write_text
 from t2iedit.keys import SecondMoment
 from t2iedit.methods import Components, SharedStats, compute_edit, get_method
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column
 from t2iedit.models import PRESETS, TextEncoderAdapter, default_device, load_pipeline
 from t2iedit.projector import NullSpaceProjector
 from tasks._common import STAMP_CACHE, run_once
-from tasks.evaluate import clip_encoder
+from tasks.evaluate import SUMMARY, TABLE_MD, clip_encoder, images_key, write_scores
+from tasks.model import LockedModel
 from tasks.projector import projector_file
 from tasks.values import edit_requests
 
-PER_IMAGE, SUMMARY, INDEX = "per_image.parquet", "summary.json", "index.parquet"
-TABLE_MD, TABLE_PARQUET, TABLE_PNG = "table.md", "table.parquet", "table.png"
+INDEX, TABLE_PARQUET, TABLE_PNG = "index.parquet", "table.parquet", "table.png"
 
 
 def load_components(preset: str, source: str, revision: str | None) -> Components:
@@ -57,14 +57,13 @@ def load_stats(moments_dir: Path, projectors_dir: Path) -> SharedStats:
 
 
 @task(cache_policy=STAMP_CACHE)
-def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any], preset: str,
-                source: str, revision: str | None, edits: Path, entities: Path, moments: Path,
-                projectors: Path) -> Path:
+def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any], model: LockedModel,
+                edits: Path, entities: Path, moments: Path, projectors: Path) -> Path:
     """The method's EditArtifact for every single edit of the dataset (folder ``out``), with the ner
     stage's entity spans (``entities``) and the main run's C0 and projectors (:func:`load_stats`)."""
     def produce(folder: Path) -> None:
         torch.manual_seed(0)  # nothing should draw from the global RNG; pin it anyway
-        comps = load_components(preset, source, revision)
+        comps = load_components(model.preset, model.source, model.revision)
         requests = edit_requests(edits, entities)
         compute_edit(method, requests, load_stats(moments, projectors), comps, params).save(folder)
 
@@ -72,34 +71,28 @@ def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any]
 
 
 @task(cache_policy=STAMP_CACHE)
-def evaluate_method(out: Path, fingerprint: str, method: str, preset: str, source: str,
-                    revision: str | None, model_id: str, artifact: Path, eval_prompts: Path, image_root: Path,
-                    seeds: list[int], sampling: dict[str, Any], clip_source: str,
-                    clip_revision: str | None, batch_size: int) -> Path:
+def evaluate_method(out: Path, fingerprint: str, method: str, model: LockedModel, artifact: Path,
+                    eval_prompts: Path, image_root: Path, seeds: list[int], sampling: dict[str, Any],
+                    clip_source: str, clip_revision: str | None, batch_size: int) -> Path:
     """Generate the method's images (edit applied) and score them: ``out``/per_image.parquet,
-    summary.json (``{test: metrics.summarize}``), index.parquet. ``model_id``: the base weights'
-    content identity (``tasks.model.lock_identity``); images are keyed by it and the edit's content."""
+    summary.json (``{test: metrics.summarize}``), index.parquet. Images are keyed by the locked
+    weights' and the edit's content (``tasks.evaluate.images_key``)."""
     def produce(folder: Path) -> None:
-        comps = load_components(preset, source, revision)
+        comps = load_components(model.preset, model.source, model.revision)
         art = EditArtifact.load(artifact)
         ep = read_parquet(eval_prompts).to_pandas()
         col = prompt_column(get_method(method).oracle_prompts)
         texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
-        mh = model_hash(model_id, revision, tree_sha256(artifact))
+        mh = images_key(model, artifact)
         parts = {"text_encoder": comps.text_encoder, "unet": comps.unet}
-        with edited(parts, art, preset, revision):
+        with edited(parts, art, model.preset, model.revision):
             index = generate_images(comps.pipe, [(t, s) for t in texts for s in seeds], image_root,
                                     mh, SamplingConfig(**sampling), batch_size=batch_size,
                                     progress=False)
         index_df = read_parquet(write_index(folder / INDEX, [index])).to_pandas()
         rows = M.evaluate_images(clip_encoder(clip_source, clip_revision), ep,
                                  index_df, image_root, method, prompt_column=col)
-        write_parquet(folder / PER_IMAGE, M.per_image_table(rows), M.PER_IMAGE_SCHEMA)
-        summary = {}
-        for test in M.TESTS:
-            if rows[f"{test}_success"].notna().any():
-                summary[test] = M.summarize(rows, f"{test}_success")
-        write_json(folder / SUMMARY, summary)
+        write_scores(folder, M.per_image_table(rows))
 
     return run_once(out, fingerprint, produce)
 

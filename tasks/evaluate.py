@@ -98,7 +98,7 @@ def score_batch(out: Path, fingerprint: str, method: str, prompt_column: str, ev
     return run_once(out, fingerprint, produce)
 
 
-def _write_scores(folder: Path, table: pa.Table) -> None:
+def write_scores(folder: Path, table: pa.Table) -> None:
     """``folder``/per_image.parquet and summary.json (``{test: metrics.summarize}``)."""
     write_parquet(folder / PER_IMAGE, table, M.PER_IMAGE_SCHEMA)
     rows = table.to_pandas()
@@ -109,7 +109,7 @@ def _write_scores(folder: Path, table: pa.Table) -> None:
 @task(cache_policy=STAMP_CACHE)
 def merge_scores(out: Path, fingerprint: str, batches: list[Path]) -> Path:
     """One method's scored batches (:func:`score_batch`) → ``out``/per_image.parquet, summary.json."""
-    return run_once(out, fingerprint, lambda folder: _write_scores(
+    return run_once(out, fingerprint, lambda folder: write_scores(
         folder, pa.concat_tables([read_parquet(b, M.PER_IMAGE_SCHEMA) for b in batches])))
 
 
@@ -121,7 +121,7 @@ def retest_scores(out: Path, fingerprint: str, scored: Path, eval_prompts: Path,
     def produce(folder: Path) -> None:
         rows = M.retest_thresholds(read_parquet(scored).to_pandas(),
                                    read_parquet(eval_prompts).to_pandas(), sigma)
-        _write_scores(folder, M.per_image_table(rows))
+        write_scores(folder, M.per_image_table(rows))
 
     return run_once(out, fingerprint, produce)
 

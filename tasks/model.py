@@ -102,12 +102,11 @@ class LockedModel:
     source: str
     revision: str | None
     identity: str  # lock_identity: the content hash of the locked files
-    lock: dict[str, Any]
 
 
 def locked_model(models_dir: Path) -> LockedModel:
     lock = read_lock(models_dir)
-    return LockedModel(lock["preset"], lock["source"], lock["revision"], lock_identity(lock), lock)
+    return LockedModel(lock["preset"], lock["source"], lock["revision"], lock_identity(lock))
 
 
 def load_locked_encoder(models_dir: Path) -> tuple[dict[str, Any], Any, TextEncoderAdapter]:
