@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import t2iedit.keys as keys_mod  # noqa: E402
-from t2iedit.io import write_json  # noqa: E402
+from t2iedit.storage import write_json  # noqa: E402
 from t2iedit.keys import SecondMoment, collect_second_moment  # noqa: E402
 from t2iedit.models import TextEncoderAdapter, load_tokenizer  # noqa: E402
 from t2iedit.projector import null_space_projector  # noqa: E402

@@ -54,9 +54,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from t2iedit.continual import ContinualEditor, ContinualState, base_model_of, preserved_stats  # noqa: E402
-from t2iedit.datasets import coco_captions, load_cake  # noqa: E402
+from t2iedit.edit_data import coco_captions, load_cake  # noqa: E402
 from t2iedit.edit import MemitSolver  # noqa: E402
-from t2iedit.io import write_json  # noqa: E402
+from t2iedit.storage import write_json  # noqa: E402
 from t2iedit.losses import pooled_feature  # noqa: E402
 from t2iedit.methods.compare import requests_from_edits  # noqa: E402
 from t2iedit.projector import null_space_projector  # noqa: E402

@@ -38,7 +38,7 @@ from unittest import mock
 import torch
 
 from t2iedit import values
-from t2iedit.io import write_json
+from t2iedit.storage import write_json
 from t2iedit.models import TINY_CONFIG, TextEncoderAdapter, get_preset, load_tokenizer
 from t2iedit.ner import dataset_entities
 from t2iedit.prompts import EditRequest

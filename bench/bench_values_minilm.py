@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from t2iedit.edit import NullSpaceSolver, compute_multilayer_edit, edited
-from t2iedit.io import write_json
+from t2iedit.storage import write_json
 from t2iedit.keys import collect_second_moment
 from t2iedit.models import BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, TextEncoderAdapter, load_text_encoder
 from t2iedit.ner import dataset_entities

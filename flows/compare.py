@@ -19,10 +19,11 @@ from typing import Any
 from prefect import flow
 from pydantic import Field, field_validator
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
+from flows.reporting import logger, markdown_artifact
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.models import PRESETS
-from tasks._common import fingerprint
+from tasks.fingerprints import fingerprint
 from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, write_table
 from tasks.model import locked_model
 
@@ -34,7 +35,7 @@ MODELS_DIR = Path("data/models")
 OUT = Path("data/compare")
 TINY_CLIP = OUT / "models" / "tiny-clip"
 LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
-       "t2iedit.methods.time", "t2iedit.methods.refact", "t2iedit.methods.oracle",
+       "t2iedit.methods.time_crossattn", "t2iedit.methods.refact", "t2iedit.methods.oracle",
        "t2iedit.methods.compare", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
        "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "t2iedit.ner",
        "tasks.compare", "tasks.projector", "tasks.values"]

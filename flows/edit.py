@@ -15,11 +15,12 @@ from pathlib import Path
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from t2iedit.edit import EditArtifact
-from t2iedit.io import write_json
+from t2iedit.storage import write_json
 from t2iedit.prompts import DEFAULT_TEMPLATES
-from tasks._common import fingerprint
+from tasks.fingerprints import fingerprint
 from tasks.edit import closed_form_edit
 
 MODELS_DIR = Path("data/models")
@@ -29,7 +30,7 @@ PROJECTORS = Path("data/projector/layers")
 OUT = Path("data/edit")
 ARTIFACT, METRICS = OUT / "artifact", OUT / "metrics.json"
 CODE = ["t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.projector", "t2iedit.models",
-        "t2iedit.prompts", "t2iedit.io", "tasks.edit", "tasks.model", "tasks.projector"]
+        "t2iedit.prompts", "t2iedit.storage", "tasks.edit", "tasks.model", "tasks.projector"]
 
 
 class EditParams(StageParams):

@@ -18,13 +18,15 @@ from typing import Literal
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage, table_artifact
+from flows.reporting import logger, table_artifact
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT
 from t2iedit.clip_eval import DEFAULT_CLIP_SCORE_MODEL
 from t2iedit.fid import FID_SUBSET_SIZE, fid_captions
-from t2iedit.io import read_json
+from t2iedit.storage import read_json
 from t2iedit.models import get_preset
-from tasks._common import fingerprint, item_fingerprint, prune
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import prune
 from tasks.evaluate import generate_batch, images_key, merge_index
 from tasks.model import LOCK_FILE, locked_model
 from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, references_sha256,
@@ -33,9 +35,9 @@ from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, r
 COCO_CSV = Path("data/raw/coco/coco_30k.csv")
 FID_DIR = OUT / "fid"
 IMAGES, BATCHES, INDEX = FID_DIR / "images", FID_DIR / "batches", FID_DIR / "index.parquet"
-GENERATE_CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate",
+GENERATE_CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.storage", "tasks.evaluate",
                  "tasks.model"]
-SCORE_CODE = ["t2iedit.fid", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.io", "tasks.fid"]
+SCORE_CODE = ["t2iedit.fid", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.storage", "tasks.fid"]
 GENERATE_KEYS = {"method", "n_captions", "sampling", "batch_size", "task_batches"}
 
 

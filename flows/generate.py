@@ -17,10 +17,12 @@ from typing import Literal
 from prefect import flow, unmapped
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
-from t2iedit.io import read_parquet
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from t2iedit.storage import read_parquet
 from t2iedit.models import get_preset
-from tasks._common import fingerprint, item_fingerprint, prune
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import prune
 from tasks.evaluate import generate_batch, images_key, merge_index
 from tasks.model import LOCK_FILE, locked_model
 
@@ -29,7 +31,7 @@ EDIT_ARTIFACT = Path("data/edit/artifact")
 MODELS_DIR = Path("data/models")  # prepare_model's lock (+ the tiny preset's weights)
 OUT = Path("data/eval")
 IMAGES, BATCHES, INDEX_DIR = OUT / "images", OUT / "batches", OUT / "index"
-CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.io", "tasks.evaluate", "tasks.model"]
+CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.storage", "tasks.evaluate", "tasks.model"]
 PROMPT_COLUMN = {"edited": "prompt", "unedited": "prompt", "oracle": "oracle_prompt"}
 
 Method = Literal["edited", "unedited", "oracle"]

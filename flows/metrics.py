@@ -21,11 +21,13 @@ from typing import Literal
 from prefect import flow, unmapped
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
+from flows.reporting import logger, markdown_artifact
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from flows.generate import (EDIT_ARTIFACT, EVAL_PROMPTS, IMAGES, INDEX_DIR, MODELS_DIR, OUT,
                             PROMPT_COLUMN, GenerateParams)
-from t2iedit.io import read_parquet
-from tasks._common import fingerprint, item_fingerprint, prune
+from t2iedit.storage import read_parquet
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import prune
 from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, merge_scores, retest_scores,
                             score_batch, text_space, threshold_prompts, write_metrics)
 from tasks.model import LOCK_FILE, locked_model

@@ -14,15 +14,16 @@ from typing import Literal
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
-from t2iedit.io import write_json
-from tasks._common import fingerprint
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from t2iedit.storage import write_json
+from tasks.fingerprints import fingerprint
 from tasks.ner import extract_entities, ner_metrics
 
 EDITS = Path("data/processed/datasets/edits.parquet")
 OUT = Path("data/ner")
 ENTITIES, METRICS = OUT / "entities.parquet", OUT / "metrics.json"
-CODE = ["t2iedit.ner", "t2iedit.prompts", "t2iedit.io", "tasks.ner"]
+CODE = ["t2iedit.ner", "t2iedit.prompts", "t2iedit.storage", "tasks.ner"]
 
 
 class NerParams(StageParams):

@@ -13,7 +13,8 @@ from typing import Any
 
 from prefect import Flow, flow
 
-from flows._common import PARAMS_FILE, logger, make_task_runner, load_runner, markdown_artifact
+from flows.reporting import logger, markdown_artifact
+from flows.stage import PARAMS_FILE, make_task_runner, load_runner
 
 # The stage order, in one place: (DVC stage name, flow module). dvc.yaml uses the same names and
 # `cmd: python -m flows.<module>`; tests/test_pipeline_dvc.py checks the two agree.
@@ -21,7 +22,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("prepare_model", "flows.prepare_model"),
     ("prepare_datasets", "flows.prepare_datasets"),
     ("prepare_corpus", "flows.prepare_corpus"),
-    ("statistics", "flows.statistics"),
+    ("statistics", "flows.key_statistics"),
     ("projector", "flows.projector"),
     ("ner", "flows.ner"),
     ("values", "flows.values"),

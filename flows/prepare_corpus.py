@@ -14,17 +14,18 @@ from typing import Literal
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
-from tasks._common import fingerprint
-from tasks.datasets import prepare_corpus as corpus_task
-from tasks.datasets import verified_raw
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from tasks.fingerprints import fingerprint
+from tasks.edit_data import prepare_corpus as corpus_task
+from tasks.edit_data import verified_raw
 
 RAW_DIR = Path("data/raw")
 MANIFEST = RAW_DIR / "MANIFEST.json"
 DOWNLOAD_DIR = Path("data/interim/raw")
 CORPUS_DIR = Path("data/processed/corpus")
 COCO_CSV = "coco/coco_30k.csv"
-CODE = ["t2iedit.datasets", "t2iedit.io", "tasks.datasets"]
+CODE = ["t2iedit.edit_data", "t2iedit.storage", "tasks.edit_data"]
 
 
 class CorpusParams(StageParams):

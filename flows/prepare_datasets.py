@@ -14,16 +14,17 @@ from typing import Literal
 from prefect import flow
 from pydantic import Field, model_validator
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
-from tasks._common import fingerprint
-from tasks.datasets import REPORT_MD, prepare_edit_set, verified_raw
+from flows.reporting import logger, markdown_artifact
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from tasks.fingerprints import fingerprint
+from tasks.edit_data import REPORT_MD, prepare_edit_set, verified_raw
 
 RAW_DIR = Path("data/raw")
 MANIFEST = RAW_DIR / "MANIFEST.json"
 DOWNLOAD_DIR = Path("data/interim/raw")
 DATASETS_DIR = Path("data/processed/datasets")
 TOKENIZER_DIR = Path("t2iedit/assets/clip-tokenizer")  # 77-token checks
-CODE = ["t2iedit.datasets", "t2iedit.io", "tasks.datasets"]
+CODE = ["t2iedit.edit_data", "t2iedit.storage", "tasks.edit_data"]
 
 
 class DatasetsParams(StageParams):

@@ -13,13 +13,14 @@ from typing import Literal
 
 from prefect import flow
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
-from t2iedit.io import tree_sha256
-from tasks._common import fingerprint
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from t2iedit.storage import tree_sha256
+from tasks.fingerprints import fingerprint
 from tasks.model import LOCK_FILE, lock_model
 
 MODELS_DIR = Path("data/models")
-CODE = ["t2iedit.models", "t2iedit.io", "tasks.model"]
+CODE = ["t2iedit.models", "t2iedit.storage", "tasks.model"]
 
 
 class ModelParams(StageParams):

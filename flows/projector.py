@@ -12,15 +12,17 @@ from typing import Literal
 
 from prefect import flow
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage, table_artifact
-from t2iedit.io import load_meta
-from tasks._common import fingerprint, item_fingerprint, prune
+from flows.reporting import logger, table_artifact
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from t2iedit.storage import load_meta
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import prune
 from tasks.projector import build_projector, projector_file, write_projector_metrics
 
 MOMENTS = Path("data/statistics/moments")
 OUT = Path("data/projector")
 LAYERS_DIR, METRICS = OUT / "layers", OUT / "metrics.json"
-CODE = ["t2iedit.projector", "t2iedit.keys", "t2iedit.io", "tasks.projector"]
+CODE = ["t2iedit.projector", "t2iedit.keys", "t2iedit.storage", "tasks.projector"]
 
 
 class ProjectorParams(StageParams):

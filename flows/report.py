@@ -14,10 +14,11 @@ from pathlib import Path
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, markdown_artifact, run_stage
+from flows.reporting import logger, markdown_artifact
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from flows.generate import EVAL_PROMPTS, IMAGES, OUT, GenerateParams
 from flows.metrics import METRICS_DIR
-from tasks._common import fingerprint
+from tasks.fingerprints import fingerprint
 from tasks.evaluate import CATEGORIES_CSV, PER_IMAGE, REPORT_MD, TABLE_MD, write_report
 
 REPORT_DIR = OUT / "report"

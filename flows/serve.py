@@ -17,7 +17,7 @@ import argparse
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
-from flows._common import PARAMS_FILE
+from flows.stage import PARAMS_FILE
 from flows.pipeline import pipeline
 
 DEFAULT_NAME = "t2iedit"

@@ -19,11 +19,13 @@ from typing import Literal
 from prefect import flow, unmapped
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, read_params, run_stage
-from t2iedit.io import write_json
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, read_params, run_stage
+from t2iedit.storage import write_json
 from t2iedit.prompts import DEFAULT_TEMPLATES
 from t2iedit.values import weighted_config
-from tasks._common import fingerprint, item_fingerprint, prune
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import prune
 from tasks.model import read_lock
 from tasks.values import (as_dicts, edit_requests, losses_file, merge_values, source_latents, values_batch,
                           values_metrics)
@@ -36,7 +38,7 @@ BATCHES, LATENTS = OUT / "batches", OUT / "latents"
 LATENT_INDEX = LATENTS / "index.json"
 VALUES, METRICS = OUT / "values.safetensors", OUT / "metrics.json"
 CODE = ["t2iedit.values", "t2iedit.losses", "t2iedit.ner", "t2iedit.models", "t2iedit.prompts",
-        "t2iedit.io", "tasks.values", "tasks.model"]
+        "t2iedit.storage", "tasks.values", "tasks.model"]
 LATENT_CODE = ["t2iedit.models", "tasks.values", "tasks.model"]
 
 

@@ -75,7 +75,7 @@ def sweep_table(exp_show: list[dict], metrics_file: str = METRICS_FILE, param: s
 
 def write_sweep(table: pd.DataFrame, out: str | Path, metric: str = "Score") -> list[Path]:
     """``out``/metric_vs_edits.csv and one plot per test present; returns the written paths."""
-    from t2iedit.io import atomic_path
+    from t2iedit.storage import atomic_path
 
     if table.empty:
         raise ValueError(f"no experiment with {PARAM} and {METRICS_FILE}: run `scripts/scale_sweep.sh run N ...` first")

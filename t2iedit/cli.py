@@ -38,9 +38,9 @@ from rich.table import Table
 
 from t2iedit.continual import (BaseModelMismatch, ContinualEditor, ContinualState, StoreError, base_model_of,
                                preserved_stats)
-from t2iedit.datasets import DatasetError, coco_captions, load_user_edits
+from t2iedit.edit_data import DatasetError, coco_captions, load_user_edits
 from t2iedit.edit import MemitSolver
-from t2iedit.io import write_json
+from t2iedit.storage import write_json
 from t2iedit.models import PRESETS, TextEncoderAdapter, build_tiny_pipeline, get_preset, load_pipeline
 from t2iedit.prompts import EditRequest
 

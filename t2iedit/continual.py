@@ -63,7 +63,7 @@ from torch import nn
 
 from t2iedit.edit import (DELTAS_FILE, MANIFEST_FILE, EditArtifact, EditManifest, LayerSolver,
                           NullSpaceSolver, compute_multilayer_edit, find_module, split_key)
-from t2iedit.io import file_sha256, load_meta, load_tensors, read_json, save_tensors, stable_hash, write_json
+from t2iedit.storage import file_sha256, load_meta, load_tensors, read_json, save_tensors, stable_hash, write_json
 from t2iedit.keys import collect_second_moment
 from t2iedit.models import TextEncoderAdapter
 from t2iedit.projector import null_space_projector

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from t2iedit.io import load_tensors, read_json, save_tensors, stable_hash, write_json
+from t2iedit.storage import load_tensors, read_json, save_tensors, stable_hash, write_json
 from t2iedit.keys import compute_hidden, compute_keys
 from t2iedit.models import TextEncoderAdapter
 from t2iedit.prompts import DEFAULT_TEMPLATES, EditRequest

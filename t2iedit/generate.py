@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from t2iedit.io import atomic_path, read_parquet, stable_hash, write_parquet
+from t2iedit.storage import atomic_path, read_parquet, stable_hash, write_parquet
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from t2iedit.io import load_meta, load_tensors, save_tensors
+from t2iedit.storage import load_meta, load_tensors, save_tensors
 from t2iedit.models import TextEncoderAdapter
 from t2iedit.prompts import DEFAULT_TEMPLATES, EditRequest, fill, subject_last_token, tokenize_with_offsets
 

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from t2iedit.io import atomic_path
+from t2iedit.storage import atomic_path
 from t2iedit.metrics import CATEGORY_ORDER, DISPLAY
 
 logger = logging.getLogger(__name__)

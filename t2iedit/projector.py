@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from t2iedit.io import load_meta, load_tensors, save_tensors
+from t2iedit.storage import load_meta, load_tensors, save_tensors
 
 Mode = Literal["absolute", "relative", "rank"]
 MODES: tuple[str, ...] = ("absolute", "relative", "rank")

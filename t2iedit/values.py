@@ -51,7 +51,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from t2iedit.io import stable_hash
+from t2iedit.storage import stable_hash
 from t2iedit.losses import (Pooling, entity_features, eata_loss, per_edit_mean, pooled_feature,
                             text_loss, visual_loss)
 from t2iedit.models import encoder_tail

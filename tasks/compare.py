@@ -15,13 +15,13 @@ from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.edit import EditArtifact, edited
 from t2iedit.generate import SamplingConfig, generate_images, write_index
-from t2iedit.io import load_meta, read_json, read_parquet, write_json, write_parquet, write_text
+from t2iedit.storage import load_meta, read_json, read_parquet, write_json, write_parquet, write_text
 from t2iedit.keys import SecondMoment
 from t2iedit.methods import Components, SharedStats, compute_edit, get_method
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column
 from t2iedit.models import PRESETS, TextEncoderAdapter, default_device, load_pipeline
 from t2iedit.projector import NullSpaceProjector
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 from tasks.evaluate import SUMMARY, TABLE_MD, clip_encoder, images_key, write_scores
 from tasks.model import LockedModel
 from tasks.projector import projector_file

@@ -9,10 +9,10 @@ import torch
 from prefect import task
 
 from t2iedit.edit import NullSpaceSolver, compute_multilayer_edit
-from t2iedit.io import load_meta, load_tensors, read_parquet
+from t2iedit.storage import load_meta, load_tensors, read_parquet
 from t2iedit.projector import NullSpaceProjector
 from t2iedit.prompts import EditRequest
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 from tasks.model import load_locked_encoder
 from tasks.projector import projector_file
 

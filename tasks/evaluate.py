@@ -19,9 +19,9 @@ from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.generate import (SamplingConfig, generate_images, load_image, model_hash, read_index,
                               write_index)
-from t2iedit.io import read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
+from t2iedit.storage import read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
 from t2iedit.models import default_device, load_pipeline, load_text_encoder
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 from tasks.model import LockedModel
 
 PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
@@ -205,7 +205,7 @@ def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_
                 frames.append(plots.category_data(sub).assign(test=test))
         write_text(folder / TABLE_MD, "\n".join(md))
         data = pd.concat(frames, ignore_index=True)
-        from t2iedit.io import atomic_path
+        from t2iedit.storage import atomic_path
 
         with atomic_path(folder / CATEGORIES_CSV) as tmp:
             data.to_csv(tmp, index=False)

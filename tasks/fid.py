@@ -17,8 +17,8 @@ from prefect import task
 
 from t2iedit import fid as F
 from t2iedit.generate import load_image, read_index
-from t2iedit.io import file_sha256, stable_hash, write_json, write_parquet
-from tasks._common import STAMP_CACHE, run_once
+from t2iedit.storage import file_sha256, stable_hash, write_json, write_parquet
+from tasks.stamps import STAMP_CACHE, run_once
 
 METRICS_JSON, CLIP_SCORES = "metrics.json", "clip_scores.parquet"
 

@@ -17,9 +17,9 @@ from prefect import task
 # several threads at once, and concurrent first look-ups of its lazy module raise ImportError.
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-from t2iedit.io import file_sha256, read_json, stable_hash, write_json
+from t2iedit.storage import file_sha256, read_json, stable_hash, write_json
 from t2iedit.models import TextEncoderAdapter, build_tiny_pipeline, get_preset, load_text_encoder
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 
 LOCK_FILE = "lock.json"
 # Files a Stable Diffusion pipeline needs (fp32 safetensors only; no .bin, fp16 or EMA copies).

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from prefect import task
 
-from t2iedit.io import read_parquet, write_parquet
+from t2iedit.storage import read_parquet, write_parquet
 from t2iedit.ner import (ENTITY_SCHEMA, dataset_entities, entities_table, entity_recall, heuristic_entities,
                          hf_entities, load_hf_tagger)
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 
 
 def read_sources(edits_parquet: Path) -> tuple[list[str], list[str], list[str | None]]:

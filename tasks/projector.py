@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import task
 
-from t2iedit.io import load_meta, read_json, sidecar_path, write_json
+from t2iedit.storage import load_meta, read_json, sidecar_path, write_json
 from t2iedit.keys import SecondMoment
 from t2iedit.projector import null_space_projector
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 
 
 def projector_file(folder: Path, layer: int) -> Path:

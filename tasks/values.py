@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from prefect import task
 
-from t2iedit.io import load_meta, load_tensors, read_parquet, save_tensors, sidecar_path, write_parquet
+from t2iedit.storage import load_meta, load_tensors, read_parquet, save_tensors, sidecar_path, write_parquet
 from t2iedit.models import TextEncoderAdapter, default_device, load_pipeline
 from t2iedit.ner import ENTITY_SCHEMA, spans_by_edit
 from t2iedit.prompts import EditRequest
 from t2iedit.values import (LOSS_SCHEMA, ValueConfig, ValueResult, VisualInputs, compute_target_values,
                             concat_results, ddpm_scheduler_for, generate_source_latents, losses_table,
                             value_meta, value_tensors)
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 from tasks.model import load_locked_encoder, read_lock
 
 

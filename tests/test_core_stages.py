@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from t2iedit.edit import EditArtifact, edited
-from t2iedit.io import file_sha256, load_meta, read_json, save_tensors, write_parquet
+from t2iedit.storage import file_sha256, load_meta, read_json, save_tensors, write_parquet
 from t2iedit.keys import SecondMoment, collect_second_moment, compute_hidden
 from t2iedit.prompts import EditRequest
-from tasks._common import is_done, item_fingerprint
+from tasks.fingerprints import item_fingerprint
+from tasks.stamps import is_done
 from tasks.edit import closed_form_edit
 from tasks.model import load_locked_encoder, lock_model
 from tasks.projector import build_projector, projector_file, write_projector_metrics
-from tasks.statistics import merge_moments, moment_file, moment_shard
+from tasks.key_statistics import merge_moments, moment_file, moment_shard
 
 CORPUS = [f"{a} {b} {c}" for a in ("A red", "The old", "Two small", "A shiny")
           for b in ("dog", "car", "house", "bottle", "woman") for c in ("on the beach.", "in a city")]

@@ -1,4 +1,4 @@
-"""t2iedit.datasets: counts, schema, category mapping, thresholds, conflict policies, user-file errors,
+"""t2iedit.edit_data: counts, schema, category mapping, thresholds, conflict policies, user-file errors,
 checksummed downloads (no network: a file:// mirror and monkeypatched fetches), corpus sampling."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
-from t2iedit.datasets import (
+from t2iedit.edit_data import (
     CATEGORIES, EDITS_SCHEMA, EVAL_PROMPTS_SCHEMA, DatasetError, EditSet, coco_captions, fetch_raw,
     hf_texts, load_benchmark, load_user_edits, read_edit_set, read_manifest, report_markdown,
     resolve_conflicts, timed_tags, verify_raw, write_edit_set,
 )
-from t2iedit.datasets.schema import edits_table, eval_prompts_table
+from t2iedit.edit_data.schema import edits_table, eval_prompts_table
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 MANIFEST = RAW / "MANIFEST.json"
@@ -35,7 +35,7 @@ def sets() -> dict[tuple[str, str], EditSet]:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from t2iedit.datasets import default_tokenizer
+    from t2iedit.edit_data import default_tokenizer
     return default_tokenizer()
 
 
@@ -257,7 +257,7 @@ def test_policies_on_synthetic_duplicates():
 
 
 def test_subset_keeps_composite_partners(sets):
-    from t2iedit.datasets import subset
+    from t2iedit.edit_data import subset
 
     cake = subset(sets[("cake", "test")], 10)
     edits = cake.edits.to_pylist()
@@ -435,7 +435,7 @@ def test_hf_corpus_lazy_import(monkeypatch):
 
 # ------------------------------------------------------------------------------ tasks (no Prefect server)
 def test_prepare_tasks_write_and_reuse(tmp_path):
-    from tasks.datasets import prepare_corpus, prepare_edit_set, verified_raw
+    from tasks.edit_data import prepare_corpus, prepare_edit_set, verified_raw
 
     assert verified_raw.fn(RAW, MANIFEST, "offline", tmp_path / "dl") == RAW
     out = tmp_path / "datasets"
@@ -457,7 +457,7 @@ def test_prepare_tasks_write_and_reuse(tmp_path):
 def test_verified_raw_checks_only_the_listed_files(tmp_path):
     """The corpus stage verifies just the COCO captions: other raw files need not exist, a tampered
     or unlisted one is an error naming it."""
-    from tasks.datasets import verified_raw
+    from tasks.edit_data import verified_raw
 
     raw = tmp_path / "raw"
     (raw / "coco").mkdir(parents=True)

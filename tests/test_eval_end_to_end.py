@@ -13,9 +13,9 @@ import pytest
 from t2iedit import metrics as M
 from t2iedit import plots
 from t2iedit.clip_eval import ClipEncoder, build_tiny_clip
-from t2iedit.datasets.benchmarks import load_timed
+from t2iedit.edit_data.benchmarks import load_timed
 from t2iedit.generate import SamplingConfig, generate_images, load_image, model_hash, write_index
-from t2iedit.io import read_json, read_parquet, write_json, write_parquet
+from t2iedit.storage import read_json, read_parquet, write_json, write_parquet
 
 RAW = Path(__file__).parents[1] / "data" / "raw"
 CFG = SamplingConfig(num_inference_steps=4, height=32, width=32)

@@ -16,9 +16,9 @@ from PIL import Image
 from t2iedit import fid as F
 from t2iedit.clip_eval import ClipEncoder, build_tiny_clip
 from t2iedit.generate import load_image, model_hash, read_index
-from t2iedit.io import read_json, read_parquet
+from t2iedit.storage import read_json, read_parquet
 from t2iedit.models import get_preset
-from tasks._common import is_done, stamp_for
+from tasks.stamps import is_done, stamp_for
 from tasks.fid import CLIP_SCORES, CLIP_SCORES_SCHEMA, score_fid
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from t2iedit.keys import collect_second_moment
 from t2iedit.methods import METHODS, Components, SharedStats, build_config, compute_edit, get_method
 from t2iedit.methods.refact import (RefactConfig, compute_refact_edit, eos_features, fc2_io_at,
                                     optimise_delta)
-from t2iedit.methods.time import (TimeConfig, align_tokens, compute_time_edit, cross_attention_modules,
+from t2iedit.methods.time_crossattn import (TimeConfig, align_tokens, compute_time_edit, cross_attention_modules,
                                   time_keys_values, time_solve)
 from t2iedit.models import PRESETS, TextEncoderAdapter
 from t2iedit.prompts import EditRequest

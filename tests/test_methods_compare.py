@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from t2iedit.datasets import EVAL_PROMPTS_SCHEMA, EDITS_SCHEMA
-from t2iedit.datasets.benchmarks import load_timed
-from t2iedit.io import read_parquet, write_parquet
+from t2iedit.edit_data import EVAL_PROMPTS_SCHEMA, EDITS_SCHEMA
+from t2iedit.edit_data.benchmarks import load_timed
+from t2iedit.storage import read_parquet, write_parquet
 from t2iedit.methods import METHODS
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, requests_from_edits
 from tasks.model import lock_model
@@ -31,7 +31,7 @@ def _tiny_dataset(folder: Path) -> None:
     write_parquet(folder / "data/processed/datasets/edits.parquet", edits, EDITS_SCHEMA)
     write_parquet(folder / "data/processed/datasets/eval_prompts.parquet", ep, EVAL_PROMPTS_SCHEMA)
     caps = pd.read_csv(ROOT / "data/raw/coco/coco_30k.csv", usecols=["prompt"], nrows=300)
-    from t2iedit.datasets import CORPUS_SCHEMA
+    from t2iedit.edit_data import CORPUS_SCHEMA
 
     write_parquet(folder / "data/processed/corpus/corpus.parquet",
                   pd.DataFrame({"text": caps["prompt"], "source": "coco-30k",
@@ -43,7 +43,7 @@ def _main_run_outputs(folder: Path) -> None:
     from t2iedit.models import get_preset
     from tasks.ner import extract_entities
     from tasks.projector import build_projector, projector_file
-    from tasks.statistics import merge_moments, moment_file, moment_shard
+    from tasks.key_statistics import merge_moments, moment_file, moment_shard
 
     layers = list(get_preset("tiny").edit_layers)
     texts = read_parquet(folder / "data/processed/corpus/corpus.parquet").column("text").to_pylist()

@@ -12,9 +12,9 @@ import yaml
 
 from t2iedit import metrics as M
 from t2iedit.clip_eval import ClipEncoder, build_tiny_clip
-from t2iedit.datasets import EVAL_PROMPTS_SCHEMA
-from t2iedit.datasets.benchmarks import load_timed
-from t2iedit.io import read_json, read_parquet, write_parquet
+from t2iedit.edit_data import EVAL_PROMPTS_SCHEMA
+from t2iedit.edit_data.benchmarks import load_timed
+from t2iedit.storage import read_json, read_parquet, write_parquet
 from tasks.model import lock_model
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2iedit.io import read_parquet, write_parquet
+from t2iedit.storage import read_parquet, write_parquet
 from t2iedit.ner import (ENTITY_SCHEMA, dataset_entities, entities_table, entity_recall,
                          entity_token_positions, heuristic_entities, heuristic_spans, hf_entities,
                          load_hf_tagger, spans_by_edit)

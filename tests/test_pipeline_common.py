@@ -1,4 +1,5 @@
-"""The caching contract (tasks/_common.py) and the flow helpers (flows/_common.py), without a server."""
+"""The caching contract (tasks/fingerprints.py, tasks/stamps.py) and the flow helpers (flows/stage.py,
+flows/reporting.py), without a server."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows._common import (RunnerParams, StageParams, artifact_key, load_params, load_runner,
-                           make_task_runner, markdown_table)
-from t2iedit.io import write_json, write_text
-from tasks._common import (StampCache, code_sha256, finish, fingerprint, is_done, item_fingerprint,
-                           outputs_valid, prune, run_once, stamp_for, stamp_problem, write_stamp)
+from flows.reporting import artifact_key, markdown_table
+from flows.stage import RunnerParams, StageParams, load_params, load_runner, make_task_runner
+from t2iedit.storage import write_json, write_text
+from tasks.fingerprints import code_sha256, fingerprint, item_fingerprint
+from tasks.stamps import (StampCache, finish, is_done, outputs_valid, prune, run_once, stamp_for,
+                          stamp_problem, write_stamp)
 
 
 class AlphaParams(StageParams):

@@ -313,17 +313,17 @@ TOY_FILES = {
         stages:
           toy_a:
             cmd: python -m flows.toy_a
-            deps: [flows/toy_a.py, flows/_common.py, tasks/_common.py, t2iedit/io.py]
+            deps: [flows/toy_a.py, flows/stage.py, flows/reporting.py, tasks/fingerprints.py, tasks/stamps.py, t2iedit/storage.py]
             params: [a.n]
             outs: [data/a]
           toy_b:
             cmd: python -m flows.toy_b
-            deps: [flows/toy_b.py, flows/_common.py, data/a]
+            deps: [flows/toy_b.py, flows/stage.py, flows/reporting.py, data/a]
             params: [b.scale]
             metrics: [metrics/b.json]
           toy_c:
             cmd: python -m flows.toy_c
-            deps: [flows/toy_c.py, flows/_common.py, tasks/_common.py]
+            deps: [flows/toy_c.py, flows/stage.py, flows/reporting.py, tasks/fingerprints.py, tasks/stamps.py]
             params: [c.word]
             outs: [data/c.txt]
         """,
@@ -332,9 +332,10 @@ TOY_FILES = {
 
         from prefect import flow, task
 
-        from flows._common import PARAMS_FILE, StageParams, load_params, run_stage
-        from t2iedit.io import write_json
-        from tasks._common import STAMP_CACHE, fingerprint, item_fingerprint, run_once
+        from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+        from t2iedit.storage import write_json
+        from tasks.fingerprints import fingerprint, item_fingerprint
+        from tasks.stamps import STAMP_CACHE, run_once
 
 
         class AParams(StageParams):
@@ -349,7 +350,7 @@ TOY_FILES = {
         @flow(name="toy_a")
         def toy_a(params_file: str = PARAMS_FILE) -> list[Path]:
             p = load_params("a", AParams, params_file)
-            fp = fingerprint("toy_a", p, code=["flows.toy_a", "t2iedit.io"])
+            fp = fingerprint("toy_a", p, code=["flows.toy_a", "t2iedit.storage"])
             outs = [Path(f"data/a/{i}.json") for i in range(p.n)]
             return item.map(outs, [item_fingerprint(fp, i) for i in range(p.n)], list(range(p.n))).result()
 
@@ -362,8 +363,9 @@ TOY_FILES = {
 
         from prefect import flow
 
-        from flows._common import PARAMS_FILE, StageParams, load_params, run_stage, table_artifact
-        from t2iedit.io import read_json, write_json
+        from flows.reporting import table_artifact
+        from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+        from t2iedit.storage import read_json, write_json
 
 
         class BParams(StageParams):
@@ -386,9 +388,10 @@ TOY_FILES = {
 
         from prefect import flow
 
-        from flows._common import PARAMS_FILE, StageParams, load_params, run_stage
-        from t2iedit.io import write_text
-        from tasks._common import fingerprint, run_once
+        from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+        from t2iedit.storage import write_text
+        from tasks.fingerprints import fingerprint
+        from tasks.stamps import run_once
 
 
         class CParams(StageParams):
@@ -411,8 +414,8 @@ TOY_FILES = {
 @pytest.fixture()
 def toy_repo(tmp_path):
     root = tmp_path / "repo"
-    for rel in ["t2iedit/__init__.py", "t2iedit/io.py", "tasks/__init__.py", "tasks/_common.py",
-                "flows/__init__.py", "flows/_common.py", "scripts/ci_repro.sh", ".gitignore"]:
+    for rel in ["t2iedit/__init__.py", "t2iedit/storage.py", "tasks/__init__.py", "tasks/fingerprints.py", "tasks/stamps.py",
+                "flows/__init__.py", "flows/stage.py", "flows/reporting.py", "scripts/ci_repro.sh", ".gitignore"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
     for rel, text in TOY_FILES.items():

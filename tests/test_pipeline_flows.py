@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prefect import flow, task
 
-from flows._common import RunnerParams, make_task_runner
+from flows.stage import RunnerParams, make_task_runner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +23,9 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from t2iedit.io import write_text
-from tasks._common import STAMP_CACHE, fingerprint, item_fingerprint, run_once
+from t2iedit.storage import write_text
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import STAMP_CACHE, run_once
 
 
 @task(cache_policy=STAMP_CACHE)
@@ -166,7 +167,7 @@ def test_pipeline_chain_on_tiny_preset_then_rerun_reuses_everything(prefect_harn
     from test_pipeline_dvc import copy_worktree
 
     import flows.pipeline as pl
-    from t2iedit.io import file_sha256
+    from t2iedit.storage import file_sha256
 
     root = copy_worktree(tmp_path / "repo")
     monkeypatch.chdir(root)

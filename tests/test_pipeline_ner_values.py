@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2iedit.datasets import load_benchmark, subset
-from t2iedit.io import load_meta, load_tensors, read_parquet, write_json, write_parquet
+from t2iedit.edit_data import load_benchmark, subset
+from t2iedit.storage import load_meta, load_tensors, read_parquet, write_json, write_parquet
 from t2iedit.models import get_preset
 from t2iedit.ner import ENTITY_SCHEMA
 from t2iedit.values import LOSS_SCHEMA, ValueConfig

@@ -10,7 +10,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from t2iedit.io import write_parquet, write_text
+from t2iedit.storage import write_parquet, write_text
 
 EDITS = ["e0", "e1", "e2"]
 TABLE = ("# Metrics title\n\n## threshold test\n\n"

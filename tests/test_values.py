@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from t2iedit import values
-from t2iedit.io import load_meta, load_tensors, read_parquet, save_tensors, write_parquet
+from t2iedit.storage import load_meta, load_tensors, read_parquet, save_tensors, write_parquet
 from t2iedit.losses import (eata_loss, entity_features, per_edit_mean, pooled_feature, text_loss,
                             visual_loss)
 from t2iedit.models import (BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, TextEncoderAdapter, encoder_tail,

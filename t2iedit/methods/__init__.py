@@ -17,7 +17,7 @@ from t2iedit.methods.emcid import EMCID_VALUES, EmcidConfig, compute_emcid
 from t2iedit.methods.oracle import OracleConfig, compute_oracle
 from t2iedit.methods.ours import OursConfig, compute_ours
 from t2iedit.methods.refact import RefactConfig, refact_method
-from t2iedit.methods.time import TimeConfig, time_method
+from t2iedit.methods.time_crossattn import TimeConfig, time_method
 from t2iedit.prompts import EditRequest
 
 __all__ = ["METHODS", "Components", "Method", "SharedStats", "build_config", "compute_edit",

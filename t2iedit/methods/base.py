@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from t2iedit.edit import EditArtifact, EditManifest
-from t2iedit.io import stable_hash
+from t2iedit.storage import stable_hash
 from t2iedit.models import TextEncoderAdapter
 from t2iedit.prompts import EditRequest
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from t2iedit.edit import EditArtifact, NullSpaceSolver, compute_multilayer_edit
-from t2iedit.io import stable_hash
+from t2iedit.storage import stable_hash
 from t2iedit.methods.base import Components, SharedStats, config_dict
 from t2iedit.prompts import EditRequest
 from t2iedit.values import (ValueConfig, ValueResult, VisualInputs, compute_target_values_batched,

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from t2iedit.datasets.schema import DatasetError
-from t2iedit.io import file_sha256, write_bytes
+from t2iedit.edit_data.schema import DatasetError
+from t2iedit.storage import file_sha256, write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from transformers import CLIPTokenizer
 
-from t2iedit.datasets.conflicts import flag_other_sources
-from t2iedit.datasets.schema import EditSet, DatasetError, edits_table, eval_prompts_table, norm_text
+from t2iedit.edit_data.conflicts import flag_other_sources
+from t2iedit.edit_data.schema import EditSet, DatasetError, edits_table, eval_prompts_table, norm_text
 
 MAX_TOKENS = 77  # CLIP's context, BOS and EOS included
 FIELDS = ("source", "target", "entity")

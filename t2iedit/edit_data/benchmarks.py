@@ -16,10 +16,10 @@ from typing import Any
 
 import pandas as pd
 
-from t2iedit.datasets.schema import (
+from t2iedit.edit_data.schema import (
     EditSet, DatasetError, clean_text, edits_table, eval_prompts_table, norm_text,
 )
-from t2iedit.datasets.conflicts import flag_other_sources
+from t2iedit.edit_data.conflicts import flag_other_sources
 
 log = logging.getLogger(__name__)
 

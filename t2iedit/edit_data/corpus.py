@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from t2iedit.datasets.schema import DatasetError
+from t2iedit.edit_data.schema import DatasetError
 
 CORPUS_SCHEMA = pa.schema([
     pa.field("text", pa.string(), nullable=False),

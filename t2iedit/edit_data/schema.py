@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from t2iedit.io import read_parquet, write_parquet
+from t2iedit.storage import read_parquet, write_parquet
 
 # Paper names (Table 1-3): CAKE generality_a -> Generality, generality_b -> KgeMap,
 # compositionality -> Compo; TIMED/RoAD positives -> Generality, negatives -> Specificity.

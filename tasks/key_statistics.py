@@ -10,10 +10,10 @@ from pathlib import Path
 
 from prefect import task
 
-from t2iedit.io import load_meta, load_tensors, save_tensors, sidecar_path
+from t2iedit.storage import load_meta, load_tensors, save_tensors, sidecar_path
 from t2iedit.keys import SecondMoment, collect_second_moment
 from t2iedit.models import default_device
-from tasks._common import STAMP_CACHE, run_once
+from tasks.stamps import STAMP_CACHE, run_once
 from tasks.model import load_locked_encoder
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from t2iedit.datasets.schema import EditSet, DatasetError, norm_text
+from t2iedit.edit_data.schema import EditSet, DatasetError, norm_text
 
 ConflictPolicy = Literal["keep_all", "keep_first", "drop_conflicting", "error"]
 POLICIES: tuple[str, ...] = ("keep_all", "keep_first", "drop_conflicting", "error")

@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from t2iedit import datasets as ds
-from t2iedit.io import write_json, write_parquet, write_text
-from tasks._common import STAMP_CACHE, run_once
+from t2iedit import edit_data as ds
+from t2iedit.storage import write_json, write_parquet, write_text
+from tasks.stamps import STAMP_CACHE, run_once
 
 EDITS_FILE, EVAL_PROMPTS_FILE = "edits.parquet", "eval_prompts.parquet"
 REPORT_JSON, REPORT_MD = "report.json", "report.md"

@@ -1,6 +1,6 @@
 """Stage statistics: the preserved keys' second moment C0 of every edited layer (METHOD.md §2).
 
-``python -m flows.statistics`` (DVC stage ``statistics``) reads params.yaml ``statistics``, the locked
+``python -m flows.key_statistics`` (DVC stage ``statistics``) reads params.yaml ``statistics``, the locked
 model (data/models) and the corpus (data/processed/corpus/corpus.parquet); writes one resumable
 shard per ``shard_size`` texts under data/statistics/shards/ and the merged moments
 data/statistics/moments/layer_XX.safetensors (float64 Σ k kᵀ, token count in the sidecar).
@@ -13,17 +13,19 @@ from pathlib import Path
 from prefect import flow
 from pydantic import Field
 
-from flows._common import PARAMS_FILE, StageParams, load_params, logger, run_stage
-from t2iedit.io import read_parquet
-from tasks._common import fingerprint, item_fingerprint, prune
+from flows.reporting import logger
+from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from t2iedit.storage import read_parquet
+from tasks.fingerprints import fingerprint, item_fingerprint
+from tasks.stamps import prune
 from tasks.model import read_lock
-from tasks.statistics import merge_moments, moment_shard
+from tasks.key_statistics import merge_moments, moment_shard
 
 MODELS_DIR = Path("data/models")
 CORPUS = Path("data/processed/corpus/corpus.parquet")
 OUT = Path("data/statistics")
 SHARDS, MOMENTS = OUT / "shards", OUT / "moments"
-CODE = ["t2iedit.keys", "t2iedit.models", "t2iedit.io", "tasks.model", "tasks.statistics"]
+CODE = ["t2iedit.keys", "t2iedit.models", "t2iedit.storage", "tasks.model", "tasks.key_statistics"]
 
 
 class StatisticsParams(StageParams):
