@@ -1,8 +1,11 @@
 """Stage projector: the null-space projector P of every edited layer (METHOD.md §3).
 
-``python -m flows.projector`` (DVC stage ``projector``) reads params.yaml ``projector`` and
-data/statistics/moments; writes data/projector/layers/layer_XX.safetensors (P, eigenvalues; null rank,
-mode and threshold in the sidecar) and the DVC metrics data/projector/metrics.json (null rank per layer).
+``python -m flows.projector`` (DVC stage ``projector``) reads params.yaml ``projector``,
+data/statistics/moments and the held-out moments data/statistics/heldout; writes
+data/projector/layers/layer_XX.safetensors (P, eigenvalues; null rank, mode, threshold and the protected
+energies in the sidecar), the DVC metrics data/projector/metrics.json (per layer: null rank,
+``protected_energy`` = 1 − tr(P C0)/tr(C0), ``heldout_energy`` the same on the held-out keys), the DVC
+plot data data/projector/spectrum/layer_XX.csv and data/projector/spectrum.png (spectrum + cut).
 """
 
 from __future__ import annotations
@@ -17,34 +20,46 @@ from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from t2iedit.storage import load_meta
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
-from tasks.projector import build_projector, projector_file, write_projector_metrics
+from tasks.projector import build_projector, projector_file, write_projector_metrics, write_spectrum
 
 MOMENTS = Path("data/statistics/moments")
+HELDOUT = Path("data/statistics/heldout")
 OUT = Path("data/projector")
 LAYERS_DIR, METRICS = OUT / "layers", OUT / "metrics.json"
+SPECTRUM, SPECTRUM_PNG = OUT / "spectrum", OUT / "spectrum.png"
 CODE = ["t2iedit.projector", "t2iedit.keys", "t2iedit.storage", "tasks.projector"]
 
 
 class ProjectorParams(StageParams):
-    mode: Literal["absolute", "relative", "rank"] = "relative"
-    value: float = 1.0e-2  # threshold (absolute), fraction of the largest eigenvalue (relative) or rank
+    mode: Literal["absolute", "relative", "rank", "energy"] = "energy"
+    # threshold (absolute), fraction of the largest eigenvalue (relative), rank, or the share of tr(C0)
+    # allowed in the null space (energy; METHOD.md §3)
+    value: float = 1.0e-2
 
 
 @flow(name="projector")
 def projector(params_file: str = PARAMS_FILE) -> dict[int, Path]:
     p = load_params("projector", ProjectorParams, params_file)
-    fp = fingerprint("projector", p, inputs=[MOMENTS], code=CODE)
+    fp = fingerprint("projector", p, inputs=[MOMENTS, HELDOUT], code=CODE)
     moments = {int(load_meta(f)["layer"]): f for f in MOMENTS.glob("layer_*.safetensors")}
     if not moments:
         raise FileNotFoundError(f"no second moments in {MOMENTS}: run the statistics stage first")
+    heldout = {int(load_meta(f)["layer"]): f for f in HELDOUT.glob("layer_*.safetensors")}
     layers = sorted(moments)
+    if set(heldout) != set(layers):
+        raise FileNotFoundError(f"{HELDOUT} has held-out moments of layers {sorted(heldout)}, the projector "
+                                f"needs {layers}: rerun the statistics stage")
     outs = [projector_file(LAYERS_DIR, layer) for layer in layers]
     futures = build_projector.map(outs, [item_fingerprint(fp, layer) for layer in layers],
-                                  [moments[layer] for layer in layers], p.mode, p.value)
+                                  [moments[layer] for layer in layers], p.mode, p.value,
+                                  [heldout[layer] for layer in layers])
     done = dict(zip(layers, (f.result() for f in futures)))
     prune(LAYERS_DIR, keep=outs)
     write_projector_metrics(METRICS, done)
-    rows = [{"layer": layer, "null_rank": load_meta(path)["null_rank"]} for layer, path in done.items()]
+    prune(SPECTRUM, keep=write_spectrum(SPECTRUM, SPECTRUM_PNG, done)[:-1])
+    rows = [{"layer": layer, "null_rank": (m := load_meta(path))["null_rank"],
+             "protected_energy": round(m["protected_energy"], 4), "heldout_energy": round(m["heldout_energy"], 4)}
+            for layer, path in done.items()]
     table_artifact("projector-null-rank", rows, description=f"null-space rank per layer ({p.mode} {p.value})")
     logger().info("projectors: %s", rows)
     return done

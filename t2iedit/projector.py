@@ -3,6 +3,12 @@
 ``C0 = U Λ Uᵀ`` (``torch.linalg.eigh``, float64). The null space is spanned by the eigenvectors whose
 eigenvalue falls below a threshold; ``P = U_null U_nullᵀ``, so ``P k0 ≈ 0`` for every preserved key
 and any update of the form ``Δ = X P`` leaves the preserved associations unchanged.
+
+What a rule protects is measured, not assumed (METHOD.md §3): :func:`protected_energy` of a moment C is
+``1 − tr(P C)/tr(C)``, the share of the keys' energy ``E‖k‖²`` outside the null space — on C0 itself
+and on held-out keys (captions outside the K0 sample). The ``energy`` rule fixes that share on C0:
+the null space is the largest set of smallest eigen-directions whose eigenvalues sum to at most
+``value · tr(C0)``, so ``protected_energy(P, C0) ≥ 1 − value`` by construction.
 """
 
 from __future__ import annotations
@@ -16,8 +22,23 @@ import torch
 
 from t2iedit.storage import load_meta, load_tensors, save_tensors
 
-Mode = Literal["absolute", "relative", "rank"]
-MODES: tuple[str, ...] = ("absolute", "relative", "rank")
+Mode = Literal["absolute", "relative", "rank", "energy"]
+MODES: tuple[str, ...] = ("absolute", "relative", "rank", "energy")
+
+
+def protected_energy(P: torch.Tensor, C: torch.Tensor) -> float:
+    """``1 − tr(P C)/tr(C)``: the share of the energy ``E‖k‖² = tr(C)`` of keys with second moment
+    ``C`` (d, d) that lies outside the null space of ``P`` (for a projector ``tr(P C) = E‖P k‖²``).
+
+    1 = every key is orthogonal to the null space (an update ``Δ = Δ P`` cannot move them); 0 = P = I.
+    """
+    if P.shape != C.shape or P.ndim != 2:
+        raise ValueError(f"P and C must be the same (d, d), got {tuple(P.shape)} and {tuple(C.shape)}")
+    P, C = P.detach().to(torch.float64), C.detach().to(torch.float64)
+    total = float(torch.trace(C))
+    if not total > 0:
+        raise ValueError("the moment has zero trace: no key energy to protect")
+    return 1.0 - float((P * C.T).sum()) / total  # tr(P C) = Σ_ij P_ij C_ji
 
 
 @dataclass(frozen=True)
@@ -40,8 +61,12 @@ class NullSpaceProjector:
         return self.P.shape[0]
 
     def metrics(self) -> dict:
+        """Null rank and threshold, and ``protected_energy`` on C0 (from the eigenvalues: the null space
+        holds the ``null_rank`` smallest of them, so ``tr(P C0) = Σ_{i<r} λ_i``)."""
+        lam = self.eigenvalues.clamp_min(0)
         return {"null_rank": self.null_rank, "dim": self.dim, "null_fraction": self.null_rank / self.dim,
-                "threshold": self.threshold, "max_eigenvalue": float(self.eigenvalues[-1])}
+                "threshold": self.threshold, "max_eigenvalue": float(self.eigenvalues[-1]),
+                "protected_energy": 1.0 - float(lam[:self.null_rank].sum() / lam.sum())}
 
     def save(self, path: str | Path, meta: dict | None = None) -> Path:
         return save_tensors(path, {"P": self.P, "eigenvalues": self.eigenvalues}, meta={
@@ -63,6 +88,10 @@ def null_space_projector(C0: torch.Tensor, mode: Mode = "relative", value: float
       - ``"absolute"``: eigenvalues ``< value`` are null (AlphaEdit: 2e-2 on its normalised moment).
       - ``"relative"``: eigenvalues ``< value · λ_max`` are null (scale-free; re-calibrates to CLIP).
       - ``"rank"``: the ``int(value)`` smallest eigenvalues are null.
+      - ``"energy"``: the ``r`` smallest eigenvalues are null, ``r`` the largest with
+        ``Σ_{i<r} λ_i ≤ value · tr(C0)`` (``value`` in [0, 1]: the key energy allowed in the null space;
+        negative rounding eigenvalues count as 0). ``protected_energy(P, C0) ≥ 1 − value``; the null
+        rank is monotone in ``value``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -77,6 +106,14 @@ def null_space_projector(C0: torch.Tensor, mode: Mode = "relative", value: float
         if null_rank != value or not 0 <= null_rank <= d:
             raise ValueError(f"rank must be an integer in [0, {d}], got {value}")
         threshold = float(eigenvalues[null_rank]) if null_rank < d else math.inf
+    elif mode == "energy":
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"energy fraction must be in [0, 1], got {value}")
+        lam = eigenvalues.clamp_min(0)
+        budget = float(value) * float(lam.sum())
+        cum = torch.cumsum(lam, 0)  # cum[r-1] = Σ_{i<r} λ_i, non-decreasing
+        null_rank = int((cum <= budget * (1 + 1e-12)).sum())
+        threshold = float(eigenvalues[null_rank]) if null_rank < d else math.inf
     else:
         threshold = float(value) if mode == "absolute" else float(value) * float(eigenvalues[-1])
         null_rank = int((eigenvalues < threshold).sum())
@@ -85,3 +122,25 @@ def null_space_projector(C0: torch.Tensor, mode: Mode = "relative", value: float
     P = (P + P.T) / 2
     return NullSpaceProjector(P=P, eigenvalues=eigenvalues, null_rank=null_rank, mode=mode,
                               value=float(value), threshold=threshold)
+
+
+def without_directions(P: torch.Tensor, keys: torch.Tensor, rtol: float = 1.0e-10) -> tuple[torch.Tensor, int]:
+    """``P`` with the span of ``P kᵀ`` for every row ``k`` of ``keys (n, d)`` removed from its null space.
+
+    ``P' = P − Q Qᵀ``, ``Q`` an orthonormal basis of ``range(P Kᵀ)`` (SVD; singular values below
+    ``rtol · max ‖k‖`` are rounding). ``Q ⊂ range(P)``, so ``P'`` is again a symmetric idempotent
+    projector, ``P' ≤ P``, and ``P' k = 0`` for every key: an update ``Δ = Δ P'`` leaves them exactly
+    unchanged. Returns ``(P', number of directions removed)``.
+    """
+    if keys.ndim != 2 or keys.shape[1] != P.shape[0]:
+        raise ValueError(f"keys must be (n, {P.shape[0]}), got {tuple(keys.shape)}")
+    P = P.detach().to(torch.float64)
+    K = keys.detach().to(torch.float64)
+    if K.shape[0] == 0:
+        return P, 0
+    PK = P @ K.T  # (d, n)
+    U, S, _ = torch.linalg.svd(PK, full_matrices=False)
+    tol = rtol * float(K.norm(dim=1).max())
+    Q = U[:, S > tol]  # (d, q)
+    out = P - Q @ Q.T
+    return (out + out.T) / 2, Q.shape[1]

@@ -1,7 +1,9 @@
 """Prefect tasks of the statistics stage (METHOD.md §2).
 
 The corpus is cut into shards; each shard's per-layer ``Σ k kᵀ`` is one resumable item (a killed run
-keeps finished shards); the shards merge into one second moment per layer.
+keeps finished shards); the shards merge into one second moment per layer. A held-out moment of
+captions outside the K0 sample (:func:`heldout_captions`) measures what the projector protects beyond
+the keys it was built from (METHOD.md §3).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+
+import pandas as pd
 
 from t2iedit.storage import load_meta, load_tensors, save_tensors, sidecar_path
 from t2iedit.keys import SecondMoment, collect_second_moment
@@ -49,3 +53,18 @@ def merge_moments(out: Path, fingerprint: str, shards: list[Path], layers: list[
             total.save(moment_file(folder, layer), meta={"layer": layer, "shards": len(shards)})
 
     return run_once(out, fingerprint, produce)
+
+
+def heldout_captions(coco_csv: Path, corpus_ids: set[str], holdout_first: int, n: int) -> list[str]:
+    """The first ``n`` captions of ``coco_csv`` (file order) after its first ``holdout_first`` rows
+    (the FID-5K prompts: never used here either) whose ``coco_id`` is not in the K0 sample."""
+    df = pd.read_csv(coco_csv, dtype={"prompt": str, "coco_id": str}, keep_default_na=False)
+    for col in ("prompt", "coco_id"):
+        if col not in df.columns:
+            raise ValueError(f"{coco_csv}: missing column {col!r}")
+    pool = df.iloc[holdout_first:]
+    pool = pool[~pool["coco_id"].isin(corpus_ids) & (pool["prompt"].str.strip() != "")]
+    if len(pool) < n:
+        raise ValueError(f"{coco_csv}: only {len(pool)} captions outside the K0 sample and the first "
+                         f"{holdout_first} rows; statistics.heldout_texts asks for {n}")
+    return [" ".join(t.split()) for t in pool["prompt"].iloc[:n]]

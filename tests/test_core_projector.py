@@ -73,3 +73,53 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back.P, proj.P) and torch.equal(back.eigenvalues, proj.eigenvalues)
     assert (back.null_rank, back.mode, back.value, back.threshold) == (
         proj.null_rank, proj.mode, proj.value, proj.threshold)
+
+
+# ---------------------------------------------------------------- what a rule protects (issue 15)
+from t2iedit.projector import protected_energy, without_directions  # noqa: E402
+
+
+@pytest.mark.parametrize("mode,value", [("absolute", 1e-4), ("relative", 1e-3), ("rank", 12), ("energy", 1e-2)])
+def test_protected_energy_equals_direct_computation_on_keys(mode, value):
+    """1 − Σ‖P k‖² / Σ‖k‖² over the keys themselves (no trace identity), on the keys the moment was
+    built from and on other keys drawn the same way."""
+    g = torch.Generator().manual_seed(3)
+    scale = torch.logspace(0, -3, 32, dtype=torch.float64)
+    K = torch.randn(300, 32, generator=g, dtype=torch.float64) * scale
+    K_held = torch.randn(200, 32, generator=g, dtype=torch.float64) * scale
+    proj = null_space_projector(K.T @ K / 300, mode, value)
+    for keys in (K, K_held):
+        direct = 1 - float(sum((proj.P @ k).norm() ** 2 for k in keys)) / float(sum(k.norm() ** 2 for k in keys))
+        assert protected_energy(proj.P, keys.T @ keys / len(keys)) == pytest.approx(direct, rel=1e-10, abs=1e-12)
+    assert proj.metrics()["protected_energy"] == pytest.approx(protected_energy(proj.P, K.T @ K / 300), abs=1e-10)
+    assert protected_energy(torch.eye(32, dtype=torch.float64), K.T @ K) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_energy_rule_bounds_the_energy_and_is_monotone():
+    C0 = _moment(400, 48)
+    lam = torch.linalg.eigvalsh(C0)
+    ranks = []
+    for value in (0.0, 1e-6, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.5, 0.99, 1.0):
+        proj = null_space_projector(C0, "energy", value)
+        ranks.append(proj.null_rank)
+        # the largest prefix of the smallest eigenvalues within the budget
+        assert float(lam[:proj.null_rank].clamp_min(0).sum()) <= value * float(lam.clamp_min(0).sum()) * (1 + 1e-9)
+        if proj.null_rank < 48:
+            assert float(lam[:proj.null_rank + 1].sum()) > value * float(lam.sum())
+        assert protected_energy(proj.P, C0) >= 1 - value - 1e-12
+    assert ranks == sorted(ranks) and ranks[0] == 0 and ranks[-1] == 48 and len(set(ranks)) > 4
+    with pytest.raises(ValueError, match="energy"):
+        null_space_projector(C0, "energy", 1.5)
+
+
+def test_without_directions_is_a_smaller_projector_annihilating_the_keys():
+    proj = null_space_projector(_moment(200, 32), "rank", 20)
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(6, 32, generator=g, dtype=torch.float64)
+    P2, removed = without_directions(proj.P, torch.cat([keys, keys[:2] * 3]))  # duplicates cost nothing
+    assert removed == 6
+    assert torch.equal(P2, P2.T)
+    torch.testing.assert_close(P2 @ P2, P2, atol=1e-12, rtol=0)
+    assert round(float(torch.trace(P2))) == 14
+    assert (keys @ P2).norm() < 1e-12 * keys.norm()
+    torch.testing.assert_close(proj.P @ P2, P2, atol=1e-12, rtol=0)  # range(P2) ⊂ range(P)
