@@ -43,8 +43,21 @@ Store layout (``folder``)::
     batches/<edit_id>/deltas.safetensors   ΔW per "<component>:<module>" (float64; EditArtifact.load)
     batches/<edit_id>/keys.safetensors     K1 per edited layer ("layer.<l>", float64)
     batches/<edit_id>/requests.json        the batch's facts (edit id, source, target, entity spans)
+    batches/<edit_id>/sha256.json          sha256 of the files above (written last)
     reverted/<edit_id>/...          reverted batches, kept for the record
     stats/<hash>.safetensors        cached preserved-key statistics (C0, P) of the base model
+    interrupted/<name>              what recovery could not use (incomplete or inconsistent), kept
+
+Crash safety. Every file is written atomically (:mod:`t2iedit.storage`); a batch is written into
+``batches/.<edit_id>.tmp`` and renamed into place whole, then listed in ``state.json``; a revert first
+unlists the batch, then moves its folder to ``reverted/``. A process killed at any of these writes
+(:data:`WRITE_STEPS`) leaves a store that :meth:`ContinualState.open` recovers (:meth:`recover`):
+a half-written ``.tmp`` folder is deleted; a complete unlisted batch whose files match its
+``sha256.json`` and which is the next batch in sequence (``seq == next_seq``: its ``state.json`` update
+was lost) is adopted; an unlisted batch from earlier in the sequence (a revert whose move was lost)
+goes to ``reverted/``; anything else moves to ``interrupted/``. Each action is reported
+(:attr:`ContinualState.recovered`). ``T2IEDIT_FAULT_AT=<step>`` SIGKILLs the process at that write
+step (tests kill a store at every step).
 """
 
 from __future__ import annotations
@@ -53,7 +66,9 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -63,7 +78,8 @@ from torch import nn
 
 from t2iedit.edit import (DELTAS_FILE, MANIFEST_FILE, EditArtifact, EditManifest, LayerSolver,
                           NullSpaceSolver, compute_multilayer_edit, find_module, split_key)
-from t2iedit.storage import file_sha256, load_meta, load_tensors, read_json, save_tensors, stable_hash, write_json
+from t2iedit.storage import (file_sha256, load_meta, load_tensors, read_json, save_tensors, sidecar_path,
+                             stable_hash, write_json)
 from t2iedit.keys import collect_second_moment
 from t2iedit.models import TextEncoderAdapter
 from t2iedit.projector import null_space_projector
@@ -78,6 +94,23 @@ REVERTED_DIR = "reverted"
 STATS_DIR = "stats"
 KEYS_FILE = "keys.safetensors"
 REQUESTS_FILE = "requests.json"
+HASHES_FILE = "sha256.json"
+INTERRUPTED_DIR = "interrupted"
+FAULT_ENV = "T2IEDIT_FAULT_AT"
+
+#: Every point of the store's write path, in order, at which a kill leaves a distinct on-disk state:
+#: ``add`` (a new batch) after each file of its temporary folder, after the rename, after state.json;
+#: ``revert`` after state.json (unlisted) and after the move to reverted/; ``create``.
+WRITE_STEPS = ("create:state", "add:tmp", "add:deltas", "add:manifest", "add:keys", "add:requests",
+               "add:hashes", "add:renamed", "add:state", "revert:state", "revert:moved")
+
+
+def fault_point(step: str) -> None:
+    """Kill this process (SIGKILL: no cleanup, no finally) if ``T2IEDIT_FAULT_AT`` names ``step``.
+
+    The store's crash-safety tests use it to stop a write at every step of :data:`WRITE_STEPS`."""
+    if os.environ.get(FAULT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StoreError(ValueError):
@@ -153,18 +186,27 @@ class Batch:
     def save(self, folder: Path) -> dict[str, str]:
         """Write the batch folder; returns the sha256 of each file (recorded in ``state.json``)."""
         folder.mkdir(parents=True, exist_ok=True)
+        fault_point("add:tmp")
         # EditArtifact.save stores float32; the continual bookkeeping needs the exact float64 ΔW
         # (EditArtifact.load reads either, apply_edit adds in float64).
         save_tensors(folder / DELTAS_FILE, {k: v.to(torch.float64) for k, v in self.artifact.deltas.items()},
                      meta={"config_hash": self.manifest.config_hash})
+        fault_point("add:deltas")
         manifest = dataclasses.asdict(self.manifest)
         manifest["modules"] = {k: list(v.shape) for k, v in self.artifact.deltas.items()}
         write_json(folder / MANIFEST_FILE, manifest)
+        fault_point("add:manifest")
         save_tensors(folder / KEYS_FILE, {f"layer.{l}": k.to(torch.float64) for l, k in self.keys.items()},
                      meta={"layer_modules": {str(l): m for l, m in self.layer_modules.items()}})
+        fault_point("add:keys")
         write_json(folder / REQUESTS_FILE, {"edit_id": self.edit_id, "seq": self.seq, "requests": [
             {"edit_id": r.edit_id, "source": r.source, "target": r.target,
              "entities": [list(s) for s in r.entities]} for r in self.requests]})
+        fault_point("add:requests")
+        # last: the batch's own record of its files, so a folder whose state.json entry was lost can
+        # be checked before it is adopted
+        write_json(folder / HASHES_FILE, _file_hashes(folder))
+        fault_point("add:hashes")
         return _file_hashes(folder)
 
     @classmethod
@@ -191,6 +233,28 @@ class RevertReport:
 
 def _file_hashes(folder: Path) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _complete_batch(folder: Path) -> Batch | None:
+    """The batch in ``folder`` if it is whole (its files match its ``sha256.json`` and it loads)."""
+    try:
+        recorded = read_json(folder / HASHES_FILE)
+        found = _file_hashes(folder)
+        found.pop(HASHES_FILE, None)
+        if found != recorded:
+            return None
+        return Batch.load(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _move_aside(src: Path, dest_dir: Path) -> Path:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest, i = dest_dir / src.name.lstrip("."), 1
+    while dest.exists():
+        dest, i = dest_dir / f"{src.name.lstrip('.')}.{i}", i + 1
+    src.rename(dest)
+    return dest
 
 
 def _norm(text: str) -> str:
@@ -226,6 +290,7 @@ class ContinualState:
             raise StoreError(f"{folder}: a continual-editing store already exists here")
         state = cls(base, folder=folder, settings=dict(settings or {}))
         state._write()
+        fault_point("create:state")
         return state
 
     @classmethod
@@ -236,7 +301,11 @@ class ContinualState:
         if not path.exists():
             raise StoreError(f"{folder}: no continual-editing store ({STATE_FILE} missing); "
                              f"run `t2iedit edit` first or pass --store")
-        raw = read_json(path)
+        recovered = cls.recover(folder)
+        try:
+            raw = read_json(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(f"{path}: not a readable store file ({e}); refusing to use this store") from None
         if raw.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{path}: store format {raw.get('format_version')}, expected {FORMAT_VERSION}")
         batches = []
@@ -250,7 +319,54 @@ class ContinualState:
                     raise StoreError(f"{bfolder / name}: sha256 differs from the one recorded in {path} "
                                      f"(file changed or missing); refusing to use this store")
             batches.append(Batch.load(bfolder))
-        return cls(BaseModel(**raw["base"]), batches, folder, raw.get("settings", {}), int(raw["next_seq"]))
+        state = cls(BaseModel(**raw["base"]), batches, folder, raw.get("settings", {}), int(raw["next_seq"]))
+        state.recovered = recovered
+        return state
+
+    @classmethod
+    def recover(cls, folder: str | Path) -> list[str]:
+        """Bring a store killed at any write step back to a consistent state; returns what was done
+        (one sentence per action, also logged). See the module docstring for the rules."""
+        folder = Path(folder)
+        path = folder / STATE_FILE
+        done: list[str] = []
+        for stray in sorted(folder.glob(f".{STATE_FILE}.*.tmp")):  # an interrupted atomic write
+            stray.unlink()
+        bdir = folder / BATCHES_DIR
+        if not path.exists() or not bdir.is_dir():
+            return done
+        raw = read_json(path)
+        listed = {e["edit_id"] for e in raw.get("batches", [])}
+        for tmp in sorted(p for p in bdir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")):
+            shutil.rmtree(tmp)
+            done.append(f"removed the half-written batch folder {tmp.name} (a run was interrupted before "
+                        f"the batch was complete; nothing of it was applied)")
+        for sub in sorted(p for p in bdir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if sub.name in listed:
+                continue
+            batch = _complete_batch(sub)
+            seq = int(raw["next_seq"])
+            if batch is not None and batch.edit_id == sub.name and batch.seq == seq:
+                raw["batches"].append({"edit_id": batch.edit_id, "seq": batch.seq,
+                                       "method": batch.manifest.method, "n_edits": batch.n_edits,
+                                       "files": _file_hashes(sub)})
+                raw["next_seq"] = seq + 1
+                write_json(path, raw)
+                done.append(f"adopted batch {batch.edit_id} ({batch.n_edits} facts): it was written whole "
+                            f"but the run was interrupted before listing it; `t2iedit revert "
+                            f"{batch.edit_id}` removes it")
+            elif batch is not None and batch.edit_id == sub.name and batch.seq < seq \
+                    and not (folder / REVERTED_DIR / sub.name).exists():
+                (folder / REVERTED_DIR).mkdir(parents=True, exist_ok=True)
+                sub.rename(folder / REVERTED_DIR / sub.name)
+                done.append(f"finished reverting batch {sub.name} (the run was interrupted after unlisting it)")
+            else:
+                dest = _move_aside(sub, folder / INTERRUPTED_DIR)
+                done.append(f"moved {sub} to {dest}: an unlisted batch folder that is incomplete or out of "
+                            f"sequence (not applied)")
+        for line in done:
+            logger.warning("%s: %s", folder, line)
+        return done
 
     def _write(self) -> None:
         if self.folder is None:
@@ -262,6 +378,7 @@ class ContinualState:
             "settings": self.settings, "next_seq": self.next_seq, "batches": entries})
 
     def __post_init__(self):
+        self.recovered: list[str] = []  # what ContinualState.open had to repair (see recover)
         self._hashes: dict[str, dict[str, str]] = {}
         if self.folder is not None:
             for b in self.batches:
@@ -339,10 +456,12 @@ class ContinualState:
             shutil.rmtree(tmp, ignore_errors=True)
             hashes = batch.save(tmp)
             tmp.rename(target)  # the batch appears whole or not at all
+            fault_point("add:renamed")
             self._hashes[batch.edit_id] = hashes
         self.batches.append(batch)
         self.next_seq = max(self.next_seq, batch.seq) + 1
         self._write()
+        fault_point("add:state")
 
     def remove(self, edit_id: str) -> Batch:
         batch = self.batch(edit_id)
@@ -350,9 +469,11 @@ class ContinualState:
         if self.folder is not None:
             self._hashes.pop(batch.edit_id, None)
             self._write()  # the list first: a crash here leaves an unlisted folder, never a dangling entry
+            fault_point("revert:state")
             dest = self.folder / REVERTED_DIR / batch.edit_id
             dest.parent.mkdir(parents=True, exist_ok=True)
             (self.folder / BATCHES_DIR / batch.edit_id).rename(dest)
+            fault_point("revert:moved")
         return batch
 
     def revert(self, edit_id: str) -> RevertReport:
@@ -534,10 +655,15 @@ def preserved_stats(editor: ContinualEditor, tokenizer, texts: Sequence[str], la
                        "mode": mode, "value": value, "moments": moments,
                        "base": editor.state.base.weights_sha256})
     path = None if cache_dir is None else Path(cache_dir) / f"{key[:24]}.safetensors"
-    if path is not None and path.exists():
-        t, meta = load_tensors(path), load_meta(path)
-        return PreservedStats({l: t[f"C0.{l}"] for l in layers if f"C0.{l}" in t},
-                              {l: t[f"P.{l}"] for l in layers}, meta["projectors"], cached=True)
+    if path is not None and path.exists() and sidecar_path(path).exists():
+        # the sidecar is written after the tensors: a process killed between the two leaves tensors
+        # without one, which is recomputed (and rewritten) here instead of failing every later run
+        try:
+            t, meta = load_tensors(path), load_meta(path)
+            return PreservedStats({l: t[f"C0.{l}"] for l in layers if f"C0.{l}" in t},
+                                  {l: t[f"P.{l}"] for l in layers}, meta["projectors"], cached=True)
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("%s: unreadable cached statistics (%s); recomputing", path, e)
     with editor.at_base():
         collected = collect_second_moment(editor.adapter, tokenizer, texts, layers, batch_size=batch_size,
                                           progress=False)

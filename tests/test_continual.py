@@ -98,7 +98,7 @@ def test_a_then_b_equals_the_stored_record_and_keys_accumulate(encoder, tmp_path
     assert man_b["base_model_id"] == "tiny" and man_b["n_edits"] == 3
     files = read_json(tmp_path / "store" / "state.json")["batches"][1]["files"]
     assert set(files) == {"deltas.safetensors", "deltas.safetensors.json", "keys.safetensors",
-                          "keys.safetensors.json", "manifest.json", "requests.json"}
+                          "keys.safetensors.json", "manifest.json", "requests.json", "sha256.json"}
 
     # a fresh copy of the base model bound to the reopened store materialises the same weights
     fresh = copy.deepcopy(adapter.model)
@@ -252,3 +252,109 @@ def test_preserved_stats_are_of_the_base_model_and_cached(encoder, tmp_path):
     assert cached.cached and torch.equal(cached.projectors[0], first.projectors[0])
     P = first.projectors[3]
     torch.testing.assert_close(P @ P, P, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------- crash safety (issue 18 item 2)
+@pytest.fixture(scope="module")
+def two_batches(tiny_dir):
+    """Batches A (seq 1) and B (seq 2) computed once on an in-memory state (no store)."""
+    tokenizer, model = load_text_encoder(tiny_dir)
+    adapter = TextEncoderAdapter(model)
+    state = ContinualState.in_memory(base_model_of(adapter, "tiny", None))
+    editor = ContinualEditor(state, adapter)
+    a, b = _apply(editor, tokenizer, A, seed=1), _apply(editor, tokenizer, B, seed=2)
+    return state.base, a, b
+
+
+def _killed_at(step: str, fn) -> int:
+    """Run ``fn`` in a forked child with the store's fault hook set to ``step``; the signal that ended it."""
+    import os
+
+    from t2iedit.continual import FAULT_ENV
+
+    pid = os.fork()
+    if pid == 0:  # child: no pytest cleanup, no finally blocks
+        try:
+            os.environ[FAULT_ENV] = step
+            fn()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def _store_with(folder, base, *batches):
+    state = ContinualState.create(folder, base, {"preset": "tiny"})
+    for b in batches:
+        state.add(b)
+    return state
+
+
+@pytest.mark.parametrize("step", [s for s in __import__("t2iedit.continual", fromlist=["x"]).WRITE_STEPS
+                                  if s.startswith("add:")])
+def test_a_store_killed_at_any_write_of_a_new_batch_recovers(two_batches, tmp_path, step):
+    import signal
+
+    base, a, b = two_batches
+    folder = tmp_path / "store"
+    _store_with(folder, base, a)
+    assert _killed_at(step, lambda: ContinualState.open(folder).add(b)) == signal.SIGKILL, \
+        f"the write path never reached {step}"
+
+    state = ContinualState.open(folder)  # today: opens, but B's folder blocks the same edit forever
+    ids = [x.edit_id for x in state.batches]
+    assert not list((folder / "batches").glob(".*")), "half-written folders are cleaned up"
+    if step in ("add:renamed", "add:state"):  # B was written whole: it is (or is adopted as) applied
+        assert ids == ["001-batch", "002-batch"]
+        assert any("adopted batch 002-batch" in m for m in state.recovered) == (step == "add:renamed")
+    else:  # B never completed: the store is as before, and the same edit goes through
+        assert ids == ["001-batch"] and not (folder / "batches" / "002-batch").exists()
+        state.add(b)
+    again = ContinualState.open(folder)
+    assert again.recovered == [] and [x.edit_id for x in again.batches] == ["001-batch", "002-batch"]
+    got = again.batch("002-batch")
+    assert all(torch.equal(got.artifact.deltas[k], b.artifact.deltas[k]) for k in b.artifact.deltas)
+    assert again.next_seq == 3
+
+
+@pytest.mark.parametrize("step", ["revert:state", "revert:moved"])
+def test_a_store_killed_during_a_revert_recovers(two_batches, tmp_path, step):
+    import signal
+
+    base, a, b = two_batches
+    folder = tmp_path / "store"
+    _store_with(folder, base, a, b)
+    assert _killed_at(step, lambda: ContinualState.open(folder).revert("002")) == signal.SIGKILL
+    state = ContinualState.open(folder)
+    assert [x.edit_id for x in state.batches] == ["001-batch"]
+    assert (folder / "reverted" / "002-batch").is_dir() and not (folder / "batches" / "002-batch").exists()
+    assert any("finished reverting" in m for m in state.recovered) == (step == "revert:state")
+    assert ContinualState.open(folder).recovered == []
+
+
+def test_a_store_killed_while_being_created_opens(two_batches, tmp_path):
+    import signal
+
+    base, a, _ = two_batches
+    folder = tmp_path / "store"
+    assert _killed_at("create:state", lambda: ContinualState.create(folder, base, {})) == signal.SIGKILL
+    state = ContinualState.open(folder)
+    assert state.batches == []
+    state.add(a)
+    assert [x.edit_id for x in ContinualState.open(folder).batches] == ["001-batch"]
+
+
+def test_an_unlisted_batch_that_does_not_match_its_hashes_is_moved_aside(two_batches, tmp_path):
+    import signal
+
+    base, a, b = two_batches
+    folder = tmp_path / "store"
+    _store_with(folder, base, a)
+    assert _killed_at("add:renamed", lambda: ContinualState.open(folder).add(b)) == signal.SIGKILL
+    (folder / "batches" / "002-batch" / "requests.json").write_text("{}")  # damaged after the kill
+    state = ContinualState.open(folder)
+    assert [x.edit_id for x in state.batches] == ["001-batch"]
+    assert (folder / "interrupted" / "002-batch" / "deltas.safetensors").is_file()
+    assert any("moved" in m and "interrupted" in m for m in state.recovered)
+    state.add(b)  # the edit can be made again
+    assert [x.edit_id for x in ContinualState.open(folder).batches] == ["001-batch", "002-batch"]
