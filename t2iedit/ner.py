@@ -9,6 +9,13 @@ Three backends, each recorded in every row it produces:
   case-insensitively.
 - ``heuristic``: an offline rule, see :func:`heuristic_entities`.
 
+Entities that are not the edit (:func:`filter_entities`, every backend): the edit changes the whole
+source prompt (the subject), so an entity spanning the whole subject ("Harry Potter" in "Harry Potter";
+a leading article ignored) is never protected — EATA would pull against the very edit it serves; a
+span that swallows the role words ("Prime Minister of Japan", "Canada's Prime Minister") is trimmed to
+the entity the role belongs to ("Japan", "Canada"); a span of role words only is dropped. Each dropped
+or trimmed entity is recorded with its reason (:data:`FILTER_SCHEMA`).
+
 Spans are tokenizer independent; :func:`entity_token_positions` maps them to the token positions of
 any tokenizer (CLIP's at run time) through its offset mapping.
 
@@ -43,6 +50,21 @@ ENTITY_SCHEMA = pa.schema([
     pa.field("text", pa.string(), nullable=False),   # == source[start:end]
     pa.field("label", pa.string(), nullable=False),  # CoNLL group (PER/ORG/LOC/MISC) or ENT
     pa.field("score", pa.float32(), nullable=True),  # tagger confidence; null for rule/dataset rows
+    pa.field("backend", pa.string(), nullable=False),
+])
+
+
+FILTER_SCHEMA = pa.schema([
+    pa.field("edit_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("start", pa.int32(), nullable=False),      # the backend's span
+    pa.field("end", pa.int32(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("action", pa.string(), nullable=False),    # dropped | trimmed
+    pa.field("reason", pa.string(), nullable=False),    # whole_subject | role_words_only | role_of | role_after_possessive | duplicate
+    pa.field("new_start", pa.int32(), nullable=True),   # trimmed: the span kept
+    pa.field("new_end", pa.int32(), nullable=True),
+    pa.field("new_text", pa.string(), nullable=True),
     pa.field("backend", pa.string(), nullable=False),
 ])
 
@@ -169,9 +191,13 @@ def heuristic_spans(text: str) -> list[tuple[int, int]]:
        ("NASA"): sentence-initial capitalisation says nothing on its own;
     3. a lower-case "the" directly before a run belongs to the entity (CAKE's convention,
        "of the United States" → "the United States").
+    4. the complement of a role noun is a name even in lower case: after ``<role word> of``
+       ("The prime minister of india", "lead guitarist of the beatles") up to three words, stopping
+       at a preposition, a function word or an ``-ing`` word ("... of india eating strawberries").
     Known errors (measured on CAKE: 99/100 entities found, the miss is "1984"): names without
-    capitals ("1984"), lower-cased prompts, and two names joined by a connector merge into one span
-    ("Tim Cook in the United States"), the price of keeping titles like "The Catcher in the Rye".
+    capitals outside a role complement ("1984"), lower-cased prompts, and two names joined by a
+    connector merge into one span ("Tim Cook in the United States"), the price of keeping titles
+    like "The Catcher in the Rye". Role words a span swallows are cut by :func:`filter_entities`.
     """
     words = _words(text)
     spans: list[tuple[int, int]] = []
@@ -207,7 +233,45 @@ def heuristic_spans(text: str) -> list[tuple[int, int]]:
             start = words[i - 1][0]
         spans.append((start, end))
         i = j + 1
-    return spans
+    return _with_role_complements(text, words, spans)
+
+
+# Role nouns: "<role> of X" and "X's <role>" name X, the entity the role belongs to (RoAD's Role rows,
+# CAKE's "The CEO of Amazon"). Deliberately no "lord"/"lady"/"adventures": titles ("The Lord of the
+# Rings") are names, not roles.
+ROLE_WORDS = frozenset({
+    "president", "vice", "prime", "minister", "pm", "chancellor", "premier", "governor", "mayor",
+    "senator", "king", "queen", "prince", "princess", "emperor", "empress", "monarch", "pope", "ceo",
+    "cfo", "coo", "cto", "founder", "co-founder", "cofounder", "chairman", "chairwoman", "chair",
+    "director", "head", "chief", "leader", "lead", "captain", "coach", "manager", "owner", "guitarist",
+    "singer", "vocalist", "drummer", "bassist", "frontman", "keyboardist", "member", "star", "actor",
+    "actress", "author", "writer", "creator", "painter", "composer", "inventor", "wife", "husband",
+    "son", "daughter", "mother", "father", "male", "female", "first", "secretary", "general",
+    "mascot", "logo", "symbol", "anthem", "flag", "capital"})
+_COMPLEMENT_STOP = frozenset({"in", "on", "at", "with", "from", "to", "for", "by", "and", "or", "as",
+                              "is", "was", "who", "while", "during", "near", "under", "over", "a", "an"})
+
+
+def _with_role_complements(text: str, words: list[tuple[int, int, str]],
+                           spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = list(spans)
+    for i in range(1, len(words) - 1):
+        if words[i][2].lower() != "of" or words[i - 1][2].lower() not in ROLE_WORDS:
+            continue
+        k, taken = i + 1, []
+        if words[k][2].lower() == "the":
+            taken.append(k)
+            k += 1
+        while (k < len(words) and len(taken) < 4 and words[k][2].lower() not in _COMPLEMENT_STOP
+               and not words[k][2].lower().endswith("ing") and _gap_ok(text, words[k - 1][1], words[k][0])):
+            taken.append(k)
+            k += 1
+        if not taken or words[taken[-1]][2].lower() == "the":
+            continue
+        a, b = words[taken[0]][0], words[taken[-1]][1]
+        if not any(x < b and a < y for x, y in out):
+            out.append((a, b))
+    return sorted(out)
 
 
 def _gap_ok(text: str, left_end: int, right_start: int) -> bool:
@@ -218,6 +282,103 @@ def _gap_ok(text: str, left_end: int, right_start: int) -> bool:
 def heuristic_entities(edit_ids: Sequence[str], sources: Sequence[str]) -> list[Entity]:
     return [Entity(eid, src, a, b, "ENT", None, "heuristic")
             for eid, src in zip(edit_ids, sources, strict=True) for a, b in heuristic_spans(src)]
+
+
+# --------------------------------------------------------------------------------------------------
+# entities that are not the edit (every backend)
+# --------------------------------------------------------------------------------------------------
+_POSSESSIVE = re.compile(r"^(.*\S)['’]s?$")
+
+
+def _norm_subject(text: str) -> str:
+    return " ".join(normalise_entity(text).split())
+
+
+def _trim_roles(src: str, a: int, b: int) -> tuple[int, int, str] | None:
+    """The span ``[a, b)`` with swallowed role words cut, and why; None when nothing is cut. A span
+    right after "of" is a role's complement and never role words only ("The lead singer of Queen")."""
+    words = [(a + x, a + y, w) for x, y, w in _words(src[a:b])]
+    lower = [w.lower() for _, _, w in words]
+    body = 1 if lower and lower[0] in ("the", "a", "an") else 0
+    complement = re.search(r"\bof\s+$", src[:a], re.IGNORECASE) is not None  # "singer of Queen": a name
+    if lower[body:] and all(w in ROLE_WORDS for w in lower[body:]) and not complement:
+        return (a, a, "role_words_only")
+    if "of" in lower[body + 1:]:  # "Prime Minister of Japan": role words, then "of", then the entity
+        j = lower.index("of", body + 1)
+        if all(w in ROLE_WORDS for w in lower[body:j]) and j + 1 < len(words):
+            return (words[j + 1][0], b, "role_of")
+    for j, (x, y, w) in enumerate(words[:-1]):  # "Canada's Prime Minister": the possessor
+        m = _POSSESSIVE.match(w)
+        if m and w[-2:] in ("'s", "’s", "s'") and all(t in ROLE_WORDS for t in lower[j + 1:]):
+            return (a, x + len(m.group(1)), "role_after_possessive")
+    return None
+
+
+def filter_entities(entities: Sequence[Entity]) -> tuple[list[Entity], list[dict]]:
+    """Entities EATA may keep, and one record (:data:`FILTER_SCHEMA` row) per dropped/trimmed one.
+
+    In order: role words are trimmed (``role_of``, ``role_after_possessive``) or the entity dropped
+    (``role_words_only``); then an entity equal to the whole subject — the source prompt, up to case,
+    surrounding punctuation and a leading article — is dropped (``whole_subject``: the edit changes
+    it, METHOD.md §4); an entity whose span repeats an earlier kept one is dropped (``duplicate``).
+    """
+    kept: list[Entity] = []
+    records: list[dict] = []
+
+    def record(e: Entity, action: str, reason: str, new: tuple[int, int] | None = None) -> None:
+        records.append({"edit_id": e.edit_id, "source": e.source, "start": e.start, "end": e.end,
+                        "text": e.text, "action": action, "reason": reason,
+                        "new_start": None if new is None else new[0], "new_end": None if new is None else new[1],
+                        "new_text": None if new is None else e.source[new[0]:new[1]], "backend": e.backend})
+
+    for e in entities:
+        cur = e
+        trim = _trim_roles(e.source, e.start, e.end)
+        if trim is not None:
+            a, b, reason = trim
+            if a >= b:
+                record(e, "dropped", reason)
+                continue
+            cur = Entity(e.edit_id, e.source, a, b, e.label, e.score, e.backend)
+        if _norm_subject(cur.text) == _norm_subject(cur.source):
+            record(e, "dropped", "whole_subject")
+            continue
+        if any((k.edit_id, k.start, k.end) == (cur.edit_id, cur.start, cur.end) for k in kept):
+            record(e, "dropped", "duplicate")
+            continue
+        if trim is not None:
+            record(e, "trimmed", trim[2], (cur.start, cur.end))
+        kept.append(cur)
+    return kept, records
+
+
+def filtered_table(records: Iterable[dict]) -> pa.Table:
+    rows = list(records)
+    return pa.table({f.name: [r[f.name] for r in rows] for f in FILTER_SCHEMA}, schema=FILTER_SCHEMA)
+
+
+def role_entity_scores(predicted: Sequence[Entity], truth: Mapping[str, tuple[str, str | None]]) -> dict:
+    """Scores on hand-labelled sources (``edit_id → (source, entity or None)``):
+
+    ``recall``: labelled entities found (a kept entity equal up to case and a leading article);
+    ``subjects_kept``: kept entities that are the whole subject (should be 0);
+    ``kept_on_none``: sources labelled "no entity inside" on which something is kept.
+    """
+    by_edit: dict[str, list[Entity]] = {}
+    for e in predicted:
+        by_edit.setdefault(e.edit_id, []).append(e)
+    n = found = subjects = on_none = 0
+    for eid, (src, ent) in truth.items():
+        preds = by_edit.get(eid, [])
+        subjects += sum(_norm_subject(p.text) == _norm_subject(src) for p in preds)
+        if ent:
+            n += 1
+            found += any(normalise_entity(p.text) == normalise_entity(ent) for p in preds)
+        elif preds:
+            on_none += 1
+    return {"n_sources": len(truth), "n_entities": n, "recall": found / n if n else None,
+            "subjects_kept": subjects, "kept_on_none": on_none,
+            "n_none": sum(1 for _, e in truth.values() if not e)}
 
 
 # --------------------------------------------------------------------------------------------------

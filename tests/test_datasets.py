@@ -21,6 +21,7 @@ from t2iedit.edit_data import (
     resolve_conflicts, timed_tags, verify_raw, write_edit_set,
 )
 from t2iedit.edit_data.schema import edits_table, eval_prompts_table
+from t2iedit.storage import file_sha256
 
 RAW = Path(__file__).resolve().parents[1] / "data" / "raw"
 MANIFEST = RAW / "MANIFEST.json"
@@ -333,7 +334,10 @@ def test_manifest_covers_raw_files():
     listed = {f.path for f in manifest}
     on_disk = {p.relative_to(RAW).as_posix() for p in RAW.rglob("*")
                if p.is_file() and p.name not in ("SOURCE.md", "MANIFEST.json")}
-    assert listed == on_disk
+    # project-authored files (no upstream, never downloaded): listed with their sha256 apart
+    local = {f["path"]: f["sha256"] for f in json.loads(MANIFEST.read_text()).get("local_files", [])}
+    assert listed | set(local) == on_disk and not listed & set(local)
+    assert all(file_sha256(RAW / p) == h for p, h in local.items())
     assert all(len(f.commit) == 40 and len(f.sha256) == 64 for f in manifest)
     verify_raw(RAW, manifest)
 
