@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 from flows.reporting import logger, markdown_artifact
 from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from t2iedit.methods import METHODS, build_config, get_method
+from t2iedit.methods.per_dataset import edits_dataset, method_params
 from t2iedit.models import PRESETS
 from tasks.fingerprints import fingerprint
 from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, write_table
@@ -36,7 +37,7 @@ OUT = Path("data/compare")
 TINY_CLIP = OUT / "models" / "tiny-clip"
 LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
        "t2iedit.methods.time_crossattn", "t2iedit.methods.refact", "t2iedit.methods.oracle",
-       "t2iedit.methods.compare", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
+       "t2iedit.methods.compare", "t2iedit.methods.per_dataset", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
        "t2iedit.losses", "t2iedit.projector", "t2iedit.models", "t2iedit.prompts", "t2iedit.ner",
        "tasks.compare", "tasks.projector", "tasks.values"]
 EVAL_LIB = ["t2iedit.generate", "t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.edit", "tasks.compare",
@@ -95,11 +96,17 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
         clip_source = p.clip
     sampling = sampling_config(p, model.preset)
     edits, eval_prompts = DATASETS_DIR / "edits.parquet", DATASETS_DIR / "eval_prompts.parquet"
+    # the baselines' per-dataset settings (EMCID λ/lr, ReFACT's layer; BASELINES.md), method_params over them
+    import pyarrow.parquet as pq
+
+    dataset = edits_dataset(pq.read_table(edits, columns=["dataset"]).column("dataset").to_pylist())
+    params = {name: method_params(name, dataset, model.preset, p.method_params.get(name)) for name in p.methods}
     summaries = {}
     for name in p.methods:
-        edit_fp = fingerprint(f"compare/edit/{name}", p.method_params.get(name, {}),
+        build_config(get_method(name), params[name])  # fails before any model work
+        edit_fp = fingerprint(f"compare/edit/{name}", params[name],
                               inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
-        art = edit_method(out / "edits" / name, edit_fp, name, p.method_params.get(name, {}),
+        art = edit_method(out / "edits" / name, edit_fp, name, params[name],
                           model, edits, ENTITIES, MOMENTS, PROJECTORS)
         eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
                                                        "clip": [p.clip, p.clip_revision]},

@@ -7,7 +7,9 @@ item per batch under data/values/batches/); with the visual loss, the unedited m
 latents are generated once per batch under data/values/latents/ (their fingerprint ignores the loss
 settings, so tuning α or λ reuses them). Writes data/values/values.safetensors (``z``, ``delta``,
 ``z0``; ``edit_ids``, ``value_layer`` and the config hash in the sidecar — the edit stage's input),
-data/values/values.losses.parquet (per-edit final losses, steps, norms) and data/values/metrics.json.
+data/values/values.losses.parquet (per-edit final losses, the weighted terms at the first and last Adam
+step, steps, norms) and data/values/metrics.json (mean losses and ``share.{text,eata,visual}.{first,last}``:
+each weighted term's share of the total loss). Each batch logs its step, loss and rate (``StepProgress``).
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, unmapped
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flows.reporting import logger
 from flows.stage import PARAMS_FILE, StageParams, load_params, read_params, run_stage
 from t2iedit.storage import write_json
 from t2iedit.prompts import DEFAULT_TEMPLATES
-from t2iedit.values import weighted_config
+from t2iedit.values import DEFAULT_WEIGHTING, weighted_config
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
 from tasks.model import read_lock
@@ -44,8 +46,9 @@ LATENT_CODE = ["t2iedit.models", "tasks.values", "tasks.model"]
 
 class ValuesParams(StageParams):
     alpha: float = Field(default=0.11, ge=0)          # EATA weight (0: the no-EATA ablation)
-    lambda_visual: float = Field(default=0.01, ge=0)  # λ on L_V (0: text-only, no UNet)
-    weighting: Literal["paper", "emcid"] = "paper"    # emcid: text 0.01, noise 1 (overrides λ)
+    lambda_visual: float = Field(default=0.01, ge=0)  # the paper's λ (eq. 6); `weighting` says which term it weights
+    weighting: Literal["paper", "emcid"] = DEFAULT_WEIGHTING  # emcid: λ·text + L_V; paper: text + λ·L_V
+                                                      # (λ = 0, text-only mode: paper only) METHOD.md §5
     steps: int = Field(default=200, ge=0)
     lr: float = Field(default=0.2, gt=0)
     clamp: float = Field(default=1.5, gt=0)           # ‖δ‖ ≤ clamp · ‖z0‖
@@ -56,6 +59,13 @@ class ValuesParams(StageParams):
     batch_size: int = Field(default=32, ge=1)         # edits optimised together (one resumable item)
     latent_images: int = Field(default=1, ge=1)       # source images per edit for L_V
     latent_steps: int | None = Field(default=None, ge=1)  # None: the preset's sampling steps
+
+    @model_validator(mode="after")
+    def _text_only_needs_paper(self):
+        if self.weighting == "emcid" and self.lambda_visual == 0:
+            raise ValueError("values.weighting 'emcid' puts lambda_visual on the text term, so 0 would drop "
+                             "the text loss; for the text-only mode set weighting: paper, lambda_visual: 0")
+        return self
 
 
 def edit_value_layer(params_file: str, lock: dict) -> int:
@@ -69,7 +79,7 @@ def values(params_file: str = PARAMS_FILE) -> Path:
     p = load_params("values", ValuesParams, params_file)
     lock = read_lock(MODELS_DIR)
     value_layer = edit_value_layer(params_file, lock)
-    cfg = weighted_config(p.weighting, alpha=p.alpha, lambda_visual=p.lambda_visual, steps=p.steps, lr=p.lr,
+    cfg = weighted_config(p.weighting, lam=p.lambda_visual, alpha=p.alpha, steps=p.steps, lr=p.lr,
                           clamp_factor=p.clamp, weight_decay=p.weight_decay, templates=tuple(p.templates),
                           pooling=p.pooling, seed=p.seed)
     config = {**asdict(cfg), "templates": list(cfg.templates)}

@@ -283,7 +283,9 @@ def edit(
             cfg = (weighted_config("emcid", alpha=0.0, steps=steps, lr=lr) if visual
                    else ValueConfig(alpha=0.0, lambda_visual=0.0, steps=steps, lr=lr))
         else:
-            cfg = ValueConfig(alpha=alpha, lambda_visual=0.01 if visual else 0.0, steps=steps, lr=lr)
+            # the default weighting of the paper's λ = 0.01 (values.DEFAULT_WEIGHTING, METHOD.md §5)
+            cfg = (weighted_config(alpha=alpha, steps=steps, lr=lr) if visual
+                   else ValueConfig(alpha=alpha, lambda_visual=0.0, steps=steps, lr=lr))
         vis = None
         if visual:
             with stage(bar, "source images for the visual loss"):

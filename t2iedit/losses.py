@@ -2,6 +2,12 @@
 
 Every function returns one value per prompt row (no batch reduction): the optimiser sums per-edit
 losses, so edits optimised together never influence each other (see ``t2iedit.values``).
+
+One normalisation for every term: the mean squared error over the compared elements — the feature
+dimension (text), the real entities' features (EATA), the latent elements (visual). This is EMCID's
+convention for both its terms (``F.mse_loss(..., reduction="mean")``, SilentView/EMCID
+emcid/compute_z.py:544 noise, :615 text) and the diffusion training loss'; a summed squared norm would
+make a term ``d``× (768× for CLIP ViT-L) stronger than a mean one and its weight meaningless.
 """
 
 from __future__ import annotations
@@ -41,17 +47,21 @@ def entity_features(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
 
 
 def text_loss(c_src: torch.Tensor, c_tgt: torch.Tensor) -> torch.Tensor:
-    """‖c_src(δ) − c_tgt‖² per row (eq. 4), (B, d) → (B,)."""
-    return (c_src - c_tgt).pow(2).sum(-1)
+    """‖c_src(δ) − c_tgt‖² / d per row (eq. 4 as a mean squared error over the d features, EMCID's
+    ``F.mse_loss(edit_pooler_repr, dest_pooler_repr)``, compute_z.py:615), (B, d) → (B,)."""
+    return (c_src - c_tgt).pow(2).mean(-1)
 
 
 def eata_loss(c_e: torch.Tensor, c_e_frozen: torch.Tensor, entity_mask: torch.Tensor) -> torch.Tensor:
-    """Σ over the row's entities of ‖c_e(δ) − c_e‖² (eq. 5), (B, E, d) → (B,).
+    """‖c_e(δ) − c_e‖² (eq. 5) as the mean squared error over the elements of the row's real entities
+    (mean over its entities and their d features), (B, E, d) → (B,).
 
     ``entity_mask`` (B, E) is 1 for real entities; a row without entities contributes exactly zero
     (and no gradient).
     """
-    return ((c_e - c_e_frozen).pow(2).sum(-1) * entity_mask.to(c_e.dtype)).sum(-1)
+    mask = entity_mask.to(c_e.dtype)  # (B, E)
+    per_entity = (c_e - c_e_frozen).pow(2).mean(-1)  # (B, E)
+    return (per_entity * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
 
 
 def visual_loss(eps_src: torch.Tensor, eps_tgt: torch.Tensor) -> torch.Tensor:

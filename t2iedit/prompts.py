@@ -18,13 +18,16 @@ class EditRequest:
     """One fact to edit: ``source`` prompt should come to mean ``target``.
 
     ``entities``: character spans ``(start, end)`` in ``source`` of named entities whose meaning must
-    be kept (EATA, paper eq. 5).
+    be kept (EATA, paper eq. 5). ``old``: what the source denotes before the edit when that is not the
+    source text itself (RoAD's ``Old``, e.g. "justin trudeau" for "Canada's Prime Minister"); ReFACT
+    contrasts the target with it. None: the source.
     """
 
     edit_id: str
     source: str
     target: str
     entities: tuple[tuple[int, int], ...] = field(default_factory=tuple)
+    old: str | None = None
 
 
 def fill(template: str, text: str) -> tuple[str, int]:

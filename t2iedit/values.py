@@ -4,13 +4,16 @@ For edit i a residual δ_i (d_model) is added to the output of text-encoder bloc
 edit token — the last token of the source prompt — in every prompt template (EMCID/MEMIT scheme), and
 optimised with (paper eq. 4–6)
 
-    L_i = w_text ‖c_src(δ_i) − c_tgt‖² + α Σ_e ‖c_e(δ_i) − c_e‖² + λ L_V + wd ‖δ_i‖² / ‖z0_i‖²
+    L_i = w_text L_T(δ_i) + α L_E(δ_i) + w_V L_V(δ_i) + wd ‖δ_i‖² / ‖z0_i‖²
+
+    L_T = mean_d (c_src(δ_i) − c_tgt)²,  L_E = mean over entities and d of (c_e(δ_i) − c_e)²,
+    L_V = mean over latent elements of (ε(x_t, c_src(δ_i), t) − ε(x_t, c_tgt, t))²
 
 - c_src(δ): pooled feature of the source prompt under the edited encoder, c_tgt: of the target prompt
   (same template) under the frozen encoder (``losses.pooled_feature``; CLIP: [EOS] after the final
   layer norm, un-projected);
 - c_e: mean final hidden state of each named entity's tokens in the source prompt, edited vs frozen;
-- L_V = ‖ε(x_t, c_src(δ), t) − ε(x_t, c_tgt, t)‖² with x_t = DDPM-noised latents of images the
+- L_V: x_t = DDPM-noised latents of images the
   unedited model generated from the source prompt, t ~ U{0..T−1} (EMCID); the UNet is conditioned on
   the full padded 77-token hidden states of the plain source prompt as Stable Diffusion encodes it;
 - terms are averaged over the templates (text, EATA) and the sampled latents (visual).
@@ -21,9 +24,11 @@ prompt ("The president of the United States"), its last token is the edit token;
 it ("The Titanic male lead") is untouched by δ and its term is exactly zero. A bidirectional encoder
 (BERT/MiniLM) moves every token, so there every entity token counts.
 
-Normalisation: text and EATA terms are squared L2 norms over the feature dimension (as written in the
-paper); L_V is the mean over latent elements (the diffusion training loss' convention), so λ does not
-depend on the resolution. The weight decay is scale-free (‖δ‖² / ‖z0‖²).
+Normalisation: every term is a mean squared error (mean over its elements), EMCID's convention for
+both its terms (SilentView/EMCID emcid/compute_z.py:544, :615; ``t2iedit.losses``), so no weight
+depends on the feature width or the latent resolution. The weights (w_text, w_V) come from the
+paper's λ = 0.01 under a named reading (:data:`WEIGHTINGS`, docs/METHOD.md §5): ``paper`` (1, λ), eq. 6
+as printed; ``emcid`` (λ, 1), EMCID's code. The weight decay is scale-free (‖δ‖² / ‖z0‖²).
 
 The result for the editing core is z_i = z0_i + δ_i with z0_i = h_L(source)_i, the block output at the
 edit token of the plain source prompt ("{}" template), the value the closed-form solve writes.
@@ -60,21 +65,38 @@ from t2iedit.prompts import DEFAULT_TEMPLATES, EditRequest, fill, span_token_pos
 logger = logging.getLogger(__name__)
 
 PLAIN_TEMPLATE = "{}"
-# Loss weightings (text weight, visual weight λ): the paper's eq. 6 and EMCID's (noise 1, text 0.01).
-WEIGHTINGS: dict[str, tuple[float, float] | None] = {"paper": None, "emcid": (0.01, 1.0)}
+#: Which term the paper's λ (0.01) weights: name → (text-side scale s, visual weight w_V) as functions
+#: of λ. The text side is the text term and what was tuned against a unit text term — α's EATA term and
+#: the weight decay — so their ratios to the text stay the paper's: weights (s, s·α, w_V, s·wd).
+#: ``paper``: eq. 6 as printed, L_T + α L_E + λ L_V. ``emcid``: EMCID's code, λ (L_T + α L_E) + L_V
+#: (``text_repr_loss_scale_factor`` 0.01 on the text, SilentView/EMCID emcid/compute_z.py:616 and
+#: hparams/dest_s-200_c-1.5_ly-11_lr-0.2_ewc-1e7_txt-align-0.01.json:26; the noise loss unweighted,
+#: compute_z.py:556). Adam is invariant to the loss' overall scale, so ``emcid`` is the paper's form
+#: with L_V weighted 1/λ. The default is argued in docs/METHOD.md §5.
+WEIGHTINGS: dict[str, Callable[[float], tuple[float, float]]] = {
+    "paper": lambda lam: (1.0, lam),
+    "emcid": lambda lam: (lam, 1.0),
+}
+DEFAULT_WEIGHTING = "emcid"  # argued in docs/METHOD.md §5
+PAPER_ALPHA, PAPER_LAMBDA, WEIGHT_DECAY = 0.11, 0.01, 1.0e-3  # α, λ (paper eq. 6); wd vs a unit text term
+_S, _WV = WEIGHTINGS[DEFAULT_WEIGHTING](PAPER_LAMBDA)
+#: Weighted terms recorded at the first and the last Adam step (their shares go to metrics.json).
+SHARE_TERMS = ("text", "eata", "visual", "total")
 
 
 @dataclass(frozen=True)
 class ValueConfig:
     """Hyper-parameters of the target-value optimisation (paper defaults)."""
 
-    alpha: float = 0.11            # EATA weight (0: the ablation without entity awareness)
-    lambda_visual: float = 0.01    # λ on L_V (0: text-only mode, no UNet needed)
-    text_weight: float = 1.0       # weight of the text term (EMCID: 0.01)
+    # the weights each term gets; defaults: the default weighting of the paper's α = 0.11, λ = 0.01
+    # (``weighted_config``: emcid → text 0.01, EATA 0.0011, L_V 1, decay 1e-5)
+    alpha: float = _S * PAPER_ALPHA  # EATA weight (0: the ablation without entity awareness)
+    lambda_visual: float = _WV       # weight w_V of L_V (0: text-only mode, no UNet needed)
+    text_weight: float = _S          # weight w_text of the text term
     steps: int = 200
     lr: float = 0.2
     clamp_factor: float = 1.5      # ‖δ_i‖ ≤ clamp_factor ‖z0_i‖ (EMCID)
-    weight_decay: float = 1.0e-3   # on ‖δ_i‖² / ‖z0_i‖² (scale-free)
+    weight_decay: float = _S * WEIGHT_DECAY  # on ‖δ_i‖² / ‖z0_i‖² (scale-free)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     pooling: Pooling = "eos"
     seed: int = 0                  # visual-loss draws (t, noise), one generator per edit
@@ -97,14 +119,27 @@ class ValueConfig:
         return stable_hash(asdict(self))
 
 
-def weighted_config(weighting: str, **kwargs) -> ValueConfig:
-    """A ``ValueConfig`` under a named weighting: ``paper`` keeps ``text_weight``/``lambda_visual`` as
-    given; ``emcid`` sets text 0.01, noise 1 (EMCID's recipe)."""
+def weighted_config(weighting: str = DEFAULT_WEIGHTING, lam: float = PAPER_LAMBDA,
+                    alpha: float = PAPER_ALPHA, weight_decay: float = WEIGHT_DECAY, **kwargs) -> ValueConfig:
+    """A ``ValueConfig`` from the paper's α, λ and a weight decay tuned against a unit text term, under
+    a named reading of λ (:data:`WEIGHTINGS`): the weights of (text, EATA, L_V, decay) are
+    ``paper`` → (1, α, λ, wd), ``emcid`` → (λ, λα, 1, λ·wd).
+
+    λ = 0 is the text-only mode (no UNet): under ``paper`` it drops L_V; under ``emcid`` it would
+    drop the text term instead, so it is refused there.
+    """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {sorted(WEIGHTINGS)}, not {weighting!r}")
-    if WEIGHTINGS[weighting] is not None:
-        kwargs["text_weight"], kwargs["lambda_visual"] = WEIGHTINGS[weighting]
-    return ValueConfig(**kwargs)
+    if "text_weight" in kwargs or "lambda_visual" in kwargs:
+        raise ValueError("weighted_config sets text_weight and lambda_visual from lam and the weighting")
+    if lam < 0:
+        raise ValueError(f"lam must be ≥ 0, got {lam}")
+    if weighting == "emcid" and lam == 0:
+        raise ValueError("weighting 'emcid' puts λ on the text term: λ = 0 would leave the visual loss "
+                         "alone; the text-only mode is weighting 'paper' with λ = 0")
+    s, w_v = WEIGHTINGS[weighting](float(lam))
+    return ValueConfig(text_weight=s, alpha=s * alpha, lambda_visual=w_v, weight_decay=s * weight_decay,
+                       **kwargs)
 
 
 @dataclass
@@ -279,14 +314,24 @@ def source_values(tokenizer, model: nn.Module, block: nn.Module,
 # --------------------------------------------------------------------------------------------------
 # the optimisation
 # --------------------------------------------------------------------------------------------------
+#: ``progress(steps done, total steps, current mean total loss)``, called after every Adam step.
+Progress = Callable[[int, int, float], None]
+
+
 def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
                           requests: Sequence[EditRequest], config: ValueConfig,
-                          visual: VisualInputs | None = None, value_layer: int = -1) -> ValueResult:
+                          visual: VisualInputs | None = None, value_layer: int = -1,
+                          progress: Progress | None = None) -> ValueResult:
     """Optimise δ for all ``requests`` together (one batch); see the module docstring.
 
     ``block``: the transformer block whose output is the residual stream at the value layer
     (``TextEncoderAdapter.block(value_layer)``). ``visual`` is required iff ``config.lambda_visual``
-    > 0. Runs on the device of ``model``; the model and UNet are unchanged when this returns.
+    > 0. ``progress`` is told each step (the caller decides how often to show it). Runs on the device
+    of ``model``; the model and UNet are unchanged when this returns.
+
+    ``losses`` of the result: the unweighted terms at the final δ (``text``, ``eata``, ``visual``,
+    ``decay``), ``total`` and ``total_init`` (at δ = 0), and the *weighted* terms and total at the first
+    and the last Adam step (``first_text`` … ``last_total``), each (n_edits,).
     """
     use_visual = config.lambda_visual > 0
     if use_visual and visual is None:
@@ -342,8 +387,14 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
             return tail(_add_at(at_block["h"], all_rows, edit_pos, delta[row_edit]),
                         *at_block["args"], **at_block["kwargs"])
 
-        def losses(step: int) -> dict[str, torch.Tensor]:
-            """Per-edit loss terms at the current δ, each (n,)."""
+        def eval_draws() -> list[torch.Generator]:
+            """The (t, noise) draw at which the loss before and after the optimisation is reported:
+            the same one for both, separate from the training draws, so the two are comparable."""
+            return [edit_generator(config.seed, f"{i}/report") for i in ids]
+
+        def losses(step: int, draws: list[torch.Generator] | None = None) -> dict[str, torch.Tensor]:
+            """Per-edit loss terms at the current δ, each (n,); L_V at the next draw of ``draws``
+            (default: the training stream)."""
             h = hidden()  # (B, T, d)
             c_src = pooled_feature(h, attn, config.pooling)
             out = {
@@ -351,7 +402,8 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
                 "eata": per_edit_mean(eata_loss(entity_features(h, ent_w), c_e_frozen, ent_m), row_edit, n),
             }
             if use_visual:
-                out["visual"] = _visual_term(visual, latents, gens, n_train, step, h[plain_rows], cond_tgt)
+                out["visual"] = _visual_term(visual, latents, draws or gens, n_train, step, h[plain_rows],
+                                             cond_tgt)
             else:
                 out["visual"] = torch.zeros(n, device=device)
             out["decay"] = config.weight_decay * delta.pow(2).sum(1) / z0.pow(2).sum(1)
@@ -359,24 +411,42 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
                             + config.lambda_visual * out["visual"] + out["decay"])
             return out
 
+        def weighted(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            w = {"text": config.text_weight, "eata": config.alpha, "visual": config.lambda_visual,
+                 "total": 1.0}
+            return {k: (w[k] * out[k]).detach().float().cpu() for k in SHARE_TERMS}
+
         with torch.no_grad():
-            initial = losses(config.steps)["total"].detach()
+            at_init = losses(0, eval_draws() if use_visual else None)
+        initial = at_init["total"].detach()
+        first = last = weighted(at_init)  # no Adam step (steps = 0): both are δ = 0
         t0 = time.perf_counter()
         for step in range(config.steps):
             opt.zero_grad(set_to_none=True)
-            total = losses(step)["total"]  # (n,)
+            out = losses(step)
+            total = out["total"]  # (n,)
+            if step == 0:
+                first = weighted(out)
+            if step == config.steps - 1:
+                last = weighted(out)
             total.sum().backward()  # Σ_i L_i: each δ_i gets exactly its own edit's gradient
             opt.step()
             with torch.no_grad():  # per-edit clamp ‖δ_i‖ ≤ c ‖z0_i‖
                 norm = delta.norm(dim=1)
                 delta.mul_((max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)[:, None])
+            loss_now = total.detach().mean().item()
+            if progress is not None:
+                progress(step + 1, config.steps, loss_now)
             if config.log_every and ((step + 1) % config.log_every == 0 or step + 1 == config.steps):
                 rate = (step + 1) / (time.perf_counter() - t0)
                 logger.info("values: step %d/%d, mean loss %.4g, %.2f steps/s (%d edits)",
-                            step + 1, config.steps, total.mean().item(), rate, n)
+                            step + 1, config.steps, loss_now, rate, n)
         with torch.no_grad():
-            final = {k: v.detach().float().cpu() for k, v in losses(config.steps + 1).items()}
+            final = {k: v.detach().float().cpu()
+                     for k, v in losses(0, eval_draws() if use_visual else None).items()}
     final["total_init"] = initial.float().cpu()
+    final.update({f"first_{k}": v for k, v in first.items()})
+    final.update({f"last_{k}": v for k, v in last.items()})
     delta = delta.detach().float()
     return ValueResult(edit_ids=ids, z=(z0 + delta).cpu(), delta=delta.cpu(), z0=z0.cpu(),
                        losses=final, steps=config.steps, value_layer=value_layer)
@@ -404,14 +474,14 @@ def _visual_term(visual: VisualInputs, latents: torch.Tensor, gens: list[torch.G
 def compute_target_values_batched(tokenizer, model: nn.Module, block: nn.Module,
                                   requests: Sequence[EditRequest], config: ValueConfig,
                                   batch_size: int, visual: VisualInputs | None = None,
-                                  value_layer: int = -1) -> ValueResult:
+                                  value_layer: int = -1, progress: Progress | None = None) -> ValueResult:
     """:func:`compute_target_values` over consecutive batches of ``batch_size`` edits, concatenated."""
     parts = []
     for i in range(0, len(requests), batch_size):
         sub = None if visual is None else VisualInputs(visual.unet, visual.noise_scheduler,
                                                        visual.latents[i:i + batch_size])
         parts.append(compute_target_values(tokenizer, model, block, requests[i:i + batch_size],
-                                           config, sub, value_layer))
+                                           config, sub, value_layer, progress))
     return concat_results(parts)
 
 
@@ -471,6 +541,10 @@ def generate_source_latents(pipe, edit_ids: Sequence[str], prompts: Sequence[str
 # --------------------------------------------------------------------------------------------------
 # artifacts
 # --------------------------------------------------------------------------------------------------
+#: The per-edit loss columns of :data:`LOSS_SCHEMA` (``ValueResult.losses`` keys).
+LOSS_TERMS = ("text", "eata", "visual", "decay", "total", "total_init",
+              *(f"{when}_{k}" for when in ("first", "last") for k in SHARE_TERMS))
+
 LOSS_SCHEMA = pa.schema([
     pa.field("edit_id", pa.string(), nullable=False),
     pa.field("text", pa.float64(), nullable=False),
@@ -479,6 +553,9 @@ LOSS_SCHEMA = pa.schema([
     pa.field("decay", pa.float64(), nullable=False),
     pa.field("total", pa.float64(), nullable=False),
     pa.field("total_init", pa.float64(), nullable=False),
+    # weighted terms at the first and the last Adam step (shares of the loss: tasks.values.values_metrics)
+    *(pa.field(f"{when}_{k}", pa.float64(), nullable=False)
+      for when in ("first", "last") for k in SHARE_TERMS),
     pa.field("steps", pa.int32(), nullable=False),
     pa.field("delta_norm", pa.float64(), nullable=False),
     pa.field("z0_norm", pa.float64(), nullable=False),
@@ -487,7 +564,7 @@ LOSS_SCHEMA = pa.schema([
 
 def losses_table(result: ValueResult) -> pa.Table:
     cols = {"edit_id": result.edit_ids}
-    for k in ("text", "eata", "visual", "decay", "total", "total_init"):
+    for k in LOSS_TERMS:
         cols[k] = result.losses[k].double().tolist()
     cols["steps"] = [result.steps] * len(result.edit_ids)
     cols["delta_norm"] = result.delta.norm(dim=1).double().tolist()

@@ -8,17 +8,22 @@ rounding), else the CPU.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 from t2iedit.storage import load_meta, load_tensors, read_parquet, save_tensors, sidecar_path, write_parquet
 from t2iedit.models import TextEncoderAdapter, default_device, load_pipeline
 from t2iedit.ner import ENTITY_SCHEMA, spans_by_edit
 from t2iedit.prompts import EditRequest
-from t2iedit.values import (LOSS_SCHEMA, ValueConfig, ValueResult, VisualInputs, compute_target_values,
+from t2iedit.values import (LOSS_SCHEMA, LOSS_TERMS, SHARE_TERMS, ValueConfig, ValueResult, VisualInputs, compute_target_values,
                             concat_results, ddpm_scheduler_for, generate_source_latents, losses_table,
                             value_meta, value_tensors)
 from tasks.stamps import STAMP_CACHE, run_once
@@ -46,6 +51,33 @@ def as_dicts(requests: list[EditRequest]) -> list[dict[str, Any]]:
 def from_dicts(rows: list[dict[str, Any]]) -> list[EditRequest]:
     return [EditRequest(r["edit_id"], r["source"], r["target"], tuple(tuple(e) for e in r["entities"]))
             for r in rows]
+
+
+class StepProgress:
+    """The values optimisation's progress, in ``flows.reporting.track``'s style: a log line with the
+    step, the current mean loss and the rate every ``every_s`` seconds (and at the last step), plus a
+    Prefect progress artifact inside a task run. Use as ``compute_target_values(..., progress=...)``."""
+
+    def __init__(self, desc: str, every_s: float = 10.0):
+        self.desc, self.every_s = desc, every_s
+        try:
+            self.log = get_run_logger()
+        except MissingContextError:
+            import logging
+            self.log = logging.getLogger("t2iedit.tasks")
+        self.progress_id = None
+        self.start = self.last = time.monotonic()
+        if TaskRunContext.get() is not None:
+            self.progress_id = create_progress_artifact(0.0, description=desc)
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or step == total:
+            self.last = now
+            self.log.info("%s: step %d/%d, loss %.4g (%.2f steps/s)", self.desc, step, total, loss,
+                          step / max(now - self.start, 1e-9))
+            if self.progress_id is not None:
+                update_progress_artifact(self.progress_id, 100.0 * step / max(total, 1))
 
 
 def losses_file(values_file: Path) -> Path:
@@ -99,7 +131,8 @@ def values_batch(out: Path, fingerprint: str, models_dir: Path, requests: list[d
                 _, tokenizer, adapter = load_locked_encoder(models_dir)
             adapter.model.to(default_device())
         res = compute_target_values(tokenizer, adapter.model, adapter.block(value_layer), reqs, cfg,
-                                    visual, value_layer)
+                                    visual, value_layer,
+                                    progress=StepProgress(f"values {path.stem} ({len(reqs)} edits)"))
         save_tensors(path, value_tensors(res), value_meta(res, cfg))
         write_parquet(losses_file(path), losses_table(res), LOSS_SCHEMA)
 
@@ -109,8 +142,7 @@ def values_batch(out: Path, fingerprint: str, models_dir: Path, requests: list[d
 def load_result(values_file: Path) -> ValueResult:
     t, meta = load_tensors(values_file), load_meta(values_file)
     table = read_parquet(losses_file(values_file), LOSS_SCHEMA)
-    losses = {k: torch.tensor(table.column(k).to_pylist())
-              for k in ("text", "eata", "visual", "decay", "total", "total_init")}
+    losses = {k: torch.tensor(table.column(k).to_pylist()) for k in LOSS_TERMS}
     return ValueResult(meta["edit_ids"], t["z"], t["delta"], t["z0"], losses,
                        int(table.column("steps")[0].as_py()), int(meta["value_layer"]))
 
@@ -133,5 +165,8 @@ def values_metrics(values_file: Path) -> dict[str, Any]:
     table = read_parquet(losses_file(values_file), LOSS_SCHEMA).to_pandas()
     mean = {k: float(table[k].mean()) for k in ("text", "eata", "visual", "total", "total_init",
                                                  "delta_norm", "z0_norm")}
-    return {"n_edits": len(table), "steps": int(table["steps"].iloc[0]), "mean": mean,
+    # each weighted term's share of the total loss (all edits together) at the first and last Adam step
+    share = {k: {when: float(table[f"{when}_{k}"].sum() / table[f"{when}_total"].sum())
+                 for when in ("first", "last")} for k in SHARE_TERMS if k != "total"}
+    return {"n_edits": len(table), "steps": int(table["steps"].iloc[0]), "mean": mean, "share": share,
             "loss_reduced_fraction": float((table["total"] < table["total_init"]).mean())}

@@ -233,7 +233,7 @@ def test_ours_without_projector_equals_memit_solve_with_lambda_c0_identity(tiny_
     identity = SharedStats(moments={l: torch.eye(256, dtype=torch.float64) for l in range(5)},
                            source_latents=stats.source_latents, values=stats.values)
     ours = compute_edit("ours-no-projector", TIMED, identity, comps, {"beta": 2.5, "values": values})
-    memit = compute_edit("emcid", TIMED, identity, comps, {"lam": 2.5, "values": values})
+    memit = compute_edit("emcid", TIMED, identity, comps, {"lam": 2.5, "values": values, "residual": "memit"})
     assert set(ours.deltas) == set(memit.deltas) and len(ours.deltas) == 5
     for key in ours.deltas:
         assert ours.deltas[key].norm() > 0

@@ -62,11 +62,12 @@ def _prompt(edit_id: str, category: str, index: int, prompt: str, *, original: s
 
 def _edit(edit_id: str, dataset: str, split: str, source: str, target: str, *, entity: str | None = None,
           oracle: str | None = None, row_type: str | None = None, kind: str = "single",
-          composite_of: list[str] | None = None) -> dict:
+          composite_of: list[str] | None = None, old: str | None = None) -> dict:
     return {"edit_id": edit_id, "dataset": dataset, "split": split, "kind": kind,
             "source": clean_text(source), "target": clean_text(target), "subject": clean_text(source),
             "entity": entity, "oracle": None if oracle is None else clean_text(oracle),
-            "row_type": row_type, "composite_of": composite_of}
+            "row_type": row_type, "composite_of": composite_of,
+            "old": None if old is None else clean_text(old)}
 
 
 def timed_tags(sources: list[str]) -> list[str]:
@@ -123,7 +124,8 @@ def load_road(raw_dir: str | os.PathLike, split: str = "test") -> EditSet:
     edits, prompts, keys = [], [], []
     for n, row in enumerate(df.to_dict("records")):
         eid = f"road-{split}-{n:03d}"
-        edits.append(_edit(eid, "road", split, row["Prompt"], row["New"], oracle=row["Oracle"], row_type=row["Type"]))
+        edits.append(_edit(eid, "road", split, row["Prompt"], row["New"], oracle=row["Oracle"], row_type=row["Type"],
+                           old=row["Old"]))
         # ReFACT's efficacy classes are the referents (Old vs New), not the prompts
         prompts.append(_prompt(eid, "efficacy", 0, row["Prompt"], original=row["Old"], edited=row["New"],
                                eval_text=row["New"], oracle=row["Oracle"]))

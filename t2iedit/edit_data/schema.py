@@ -47,6 +47,9 @@ EDITS_SCHEMA = pa.schema([
     _f("oracle", pa.string(), True, "prompt that realises the edit in the unedited model"),
     _f("row_type", pa.string(), True, "RoAD Type (Role | Appearance); CAKE role_type (1..10)"),
     _f("composite_of", pa.list_(pa.string()), True, "for kind=composite: the edit_ids of its two single edits"),
+    _f("old", pa.string(), True, "what the source denotes in the unedited model when it is not the source "
+                                 "text itself (RoAD Old, e.g. 'Justin Trudeau'); ReFACT contrasts the target "
+                                 "with it (ReFACT clip_edit.py:263, compute_v.py:76); null: the source"),
 ])
 
 EVAL_PROMPTS_SCHEMA = pa.schema([

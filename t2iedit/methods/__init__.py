@@ -15,13 +15,14 @@ from t2iedit.edit import EditArtifact
 from t2iedit.methods.base import Components, Method, SharedStats, build_config
 from t2iedit.methods.emcid import EMCID_VALUES, EmcidConfig, compute_emcid
 from t2iedit.methods.oracle import OracleConfig, compute_oracle
+from t2iedit.methods.per_dataset import dataset_defaults
 from t2iedit.methods.ours import OursConfig, compute_ours
 from t2iedit.methods.refact import RefactConfig, refact_method
 from t2iedit.methods.time_crossattn import TimeConfig, time_method
 from t2iedit.prompts import EditRequest
 
 __all__ = ["METHODS", "Components", "Method", "SharedStats", "build_config", "compute_edit",
-           "get_method"]
+           "dataset_defaults", "get_method"]
 
 
 def _ours(name: str, description: str, fixed: Mapping[str, Any] | None = None) -> Method:
@@ -42,7 +43,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("emcid", partial(compute_emcid, method="emcid"), EmcidConfig,
            "EMCID: values with noise loss 1 + text 0.01, MEMIT solve with λC0", needs_moments=True,
            defaults={"values": {"alpha": EMCID_VALUES.alpha, "text_weight": EMCID_VALUES.text_weight,
-                                "lambda_visual": EMCID_VALUES.lambda_visual}}),
+                                "lambda_visual": EMCID_VALUES.lambda_visual,
+                                "weight_decay": EMCID_VALUES.weight_decay}}),
     _ours("ours-no-projector", "ablation: P = I", {"use_projector": False}),
     _ours("ours-no-eata", "ablation: α = 0 (no entity-aware term)", {"values": {"alpha": 0.0}}),
     _ours("ours-no-visual", "ablation: λ = 0 (no visual loss)", {"values": {"lambda_visual": 0.0}}),

@@ -32,7 +32,9 @@ def requests_from_edits(edits: pd.DataFrame) -> list[EditRequest]:
         if isinstance(entity, str) and entity and entity.lower() in row.source.lower():
             start = row.source.lower().index(entity.lower())
             spans = ((start, start + len(entity)),)
-        out.append(EditRequest(row.edit_id, row.source, row.target, spans))
+        old = getattr(row, "old", None)  # RoAD's Old: ReFACT's contrast text (BASELINES.md)
+        out.append(EditRequest(row.edit_id, row.source, row.target, spans,
+                               old if isinstance(old, str) and old else None))
     if not out:
         raise ValueError("the edit table has no single edits")
     return out

@@ -6,8 +6,9 @@ For one edit (source prompt = the subject ``s``, target prompt ``t``) at layer `
    ``u = C0⁻¹ k / ‖C0⁻¹ k‖`` (ROME's second-moment adjustment, by a linear solve).
 2. ``δ`` added to the MLP output (= fc2 output) at the last subject token is optimised with the
    contrastive text loss: scores = −L2 distance between the edited encoder's [EOS] feature of each
-   rewriting prompt and the frozen encoder's features of [t, s]; loss = −mean log softmax(target)
-   + ``wd · ‖δ‖ / ‖v0‖²``; Adam, stop once the mean p(target) exceeds the threshold; ``‖δ‖ ≤ c·‖v0‖``.
+   rewriting prompt and the frozen encoder's features of [t, old] (old: RoAD's Old, else ``s``);
+   loss = −mean log softmax(target) + ``wd · ‖δ‖ / ‖v0‖²``; Adam, stop once the mean p(target)
+   exceeds the threshold; ``‖δ‖ ≤ c·‖v0‖``.
 3. ``r = (v0 + δ − W k_s) / (k_s · u)`` with ``k_s`` the fc2 input of the plain source prompt, and
    ``ΔW = r uᵀ`` (rank one), so the edited layer maps ``k_s`` to ``v0 + δ``.
 
@@ -112,8 +113,9 @@ def optimise_delta(adapter: TextEncoderAdapter, tokenizer, request: EditRequest,
                    target_feats: torch.Tensor, config: RefactConfig,
                    projection: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ReFACT's ``compute_v`` optimisation. ``target_feats``: (2, d) frozen features of
-    [target, source]. Returns (v0, δ, info) with v0 the fc2 output of the plain source prompt at
-    its last token; the model's weights are not changed (the δ hook is removed on return)."""
+    [target, old] (``request.old``, else the source). Returns (v0, δ, info) with v0 the fc2 output
+    of the plain source prompt at its last token; the model's weights are not changed (the δ hook is
+    removed on return)."""
     prompts = ("{}",) + tuple(config.templates)
     enc, pos = _encode_subject(tokenizer, request.source, prompts)
     dev = _device(adapter.model)
@@ -179,7 +181,10 @@ def compute_refact_edit(adapter: TextEncoderAdapter, tokenizer, requests: Sequen
     fc2 = adapter.layer(config.layer)
     w0 = fc2.weight.detach().clone()
     with torch.no_grad():
-        texts = [t for req in requests for t in (req.target, req.source)]
+        # ReFACT's contrast pair is [new, old] (technion-cs-nlp/ReFACT src/refact/compute_v.py:76 with
+        # clip_edit.py:262-263 ``new_text``/``true_text`` = the dataset's New/Old): RoAD's Old is the
+        # referent ("justin trudeau"), not the prompt ("Canada's Prime Minister"); TIMED's Old is the prompt
+        texts = [t for req in requests for t in (req.target, req.old or req.source)]
         enc, _ = tokenize_with_offsets(tokenizer, texts)
         frozen = eos_features(adapter.model, enc, projection).reshape(len(requests), 2, -1)
     total = torch.zeros(w0.shape, dtype=torch.float64)
