@@ -11,11 +11,11 @@ apply-then-revert is bit-exact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -23,8 +23,8 @@ from torch import nn
 from t2iedit.storage import load_tensors, read_json, save_tensors, stable_hash, write_json
 from t2iedit.keys import compute_hidden, compute_keys
 from t2iedit.models import TextEncoderAdapter
-from t2iedit.prompts import DEFAULT_TEMPLATES, EditRequest
-from t2iedit.solve import memit_update, null_space_update
+from t2iedit.prompts import DEFAULT_TEMPLATES, EditRequest, fill
+from t2iedit.solve import memit_update, null_space_update, without_directions
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,9 @@ class EditManifest:
     config_hash: str
     layers: tuple[int, ...]
     n_edits: int
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # None in pipeline artifacts: a wall-clock time would change the edit artifact's hash on every rerun
+    # (DVC output, issue 18 item 4); the continual store stamps when a batch was applied
+    created_at: str | None = None
     extra: dict = field(default_factory=dict)  # method-specific facts (value layer, per-layer stats, ...)
     format_version: int = FORMAT_VERSION
 
@@ -184,21 +186,43 @@ class LayerSolver(Protocol):
     def __call__(self, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor: ...
 
 
+PreserveForm = Literal["nullspace", "sequential"]
+
+
 @dataclass(frozen=True)
 class NullSpaceSolver:
     """Ours (paper eq. 7) with a projector per layer; AlphaEdit's sequential form when ``prior_keys``
     (earlier batches' K1 per layer, (n_p, d_in)) is given. ``projectors=None``: P = I (the
-    no-projector ablation)."""
+    no-projector ablation).
+
+    ``preserved`` (layer → keys (n_e, d_in), e.g. the entity keys of ``edit.entity_keys: preserve``)
+    are kept by ``preserve_form``: ``nullspace`` removes their directions from the null space
+    (:func:`t2iedit.solve.without_directions`: ``Δ k = 0`` exactly), ``sequential`` adds them to
+    AlphaEdit's ``K_p`` (the soft penalty ``‖Δ P K_p‖²``).
+    """
 
     projectors: Mapping[int, torch.Tensor] | None
     beta: float = 1.0
     prior_keys: Mapping[int, torch.Tensor] | None = None
+    preserved: Mapping[int, torch.Tensor] | None = None
+    preserve_form: PreserveForm = "nullspace"
+
+    def __post_init__(self):
+        if self.preserve_form not in ("nullspace", "sequential"):
+            raise ValueError(f"preserve_form must be 'nullspace' or 'sequential', got {self.preserve_form!r}")
 
     def __call__(self, layer: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         d = keys.shape[1]
         P = (torch.eye(d, dtype=torch.float64) if self.projectors is None
              else self.projectors[layer])  # (d_in, d_in)
         Kp = None if self.prior_keys is None else self.prior_keys.get(layer)
+        Ke = None if self.preserved is None else self.preserved.get(layer)
+        if Ke is not None and len(Ke):
+            if self.preserve_form == "nullspace":
+                P, _ = without_directions(P, Ke)
+            else:
+                Ke = Ke.detach().to(torch.float64)
+                Kp = Ke if Kp is None else torch.cat([Kp.detach().to(torch.float64), Ke])
         return null_space_update(keys, residual, P, Kp=Kp, beta=self.beta)
 
 
@@ -213,11 +237,42 @@ class MemitSolver:
         return memit_update(keys, residual, self.moments[layer], self.lam)
 
 
+def entity_prompts(requests: Sequence[EditRequest], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+    """The standalone prompts of every request's entities: each entity alone and in each template
+    ("the United States", "A photo of the United States", ...), in order, without repeats."""
+    out: dict[str, None] = {}
+    for r in requests:
+        for a, b in r.entities:
+            ent = r.source[a:b].strip()
+            if ent:
+                for t in ("{}", *templates):
+                    out.setdefault(fill(t, ent)[0], None)
+    return list(out)
+
+
+def prompt_token_keys(adapter: TextEncoderAdapter, tokenizer, texts: Sequence[str], layer: int,
+                      batch_size: int = 64) -> torch.Tensor:
+    """``(n_tokens, d_in)`` float64: the input of ``layer``'s edited linear at every non-padding token
+    of ``texts`` (BOS/EOS included, as the preserved keys K0 of METHOD.md §2) on the current model."""
+    device = next(adapter.model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[s:s + batch_size]), padding="longest", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            with adapter.capture([layer], keys=True, values=False, stop_after=layer) as rec:
+                adapter.run(**enc)
+            out.append(rec["keys"][layer][enc["attention_mask"].bool()].double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, adapter.layer(layer).in_features, dtype=torch.float64)
+
+
 def compute_multilayer_edit(adapter: TextEncoderAdapter, tokenizer, requests: Sequence[EditRequest],
                             targets_z: torch.Tensor, layers: Sequence[int], value_layer: int,
                             solver: LayerSolver, templates: Sequence[str] = DEFAULT_TEMPLATES, *,
                             method: str, base_model_id: str, base_revision: str | None,
-                            config: Any = None, component: str = "text_encoder") -> EditArtifact:
+                            config: Any = None, component: str = "text_encoder",
+                            preserve_prompts: Sequence[str] = ()) -> EditArtifact:
     """Spread the residual ``z − h`` over ``layers`` (MEMIT / EMCID, METHOD.md §6) and return the edit.
 
     ``targets_z (n_edits, d_model)``: desired residual-stream output of block ``value_layer`` at the
@@ -226,9 +281,16 @@ def compute_multilayer_edit(adapter: TextEncoderAdapter, tokenizer, requests: Se
     change of that layer's output at the edit token), ``ΔW = solver(l_i, K1, R)``, apply ΔW to the live
     model and continue.
 
+    ``preserve_prompts`` (e.g. :func:`entity_prompts`, ``edit.entity_keys: preserve``): the keys of
+    every token of these prompts at ``l_i``, recomputed on the partially edited model like K1, are
+    handed to the solver as preserved keys (a :class:`NullSpaceSolver`; others refuse); the manifest
+    records their count and the relative shift ``‖ΔW Ke‖ / ‖W Ke‖`` per layer.
+
     Invariant: the model is unchanged when this returns (the touched weights are restored bit-exactly,
     also on error); the returned artifact holds the accumulated ΔW per layer.
     """
+    if preserve_prompts and not hasattr(solver, "preserved"):
+        raise TypeError(f"{type(solver).__name__} cannot preserve keys; use NullSpaceSolver")
     layers = sorted(layers)
     if len(set(layers)) != len(layers) or not layers:
         raise ValueError(f"layers must be distinct and non-empty, got {layers}")
@@ -246,7 +308,13 @@ def compute_multilayer_edit(adapter: TextEncoderAdapter, tokenizer, requests: Se
             h = h0 if i == 0 else compute_hidden(adapter, tokenizer, requests, value_layer)
             K1 = compute_keys(adapter, tokenizer, requests, layer, templates)  # (n, d_in)
             R = (z - h) / (len(layers) - i)  # (n, d_model)
-            delta = solver(layer, K1, R)  # (d_out, d_in) float64
+            Ke = None
+            if preserve_prompts:
+                Ke = prompt_token_keys(adapter, tokenizer, preserve_prompts, layer)  # (n_e, d_in)
+                preserved = {**(solver.preserved or {}), layer: Ke}
+                delta = dataclasses.replace(solver, preserved=preserved)(layer, K1, R)
+            else:
+                delta = solver(layer, K1, R)  # (d_out, d_in) float64
             w = adapter.layer(layer).weight
             with torch.no_grad():
                 w.copy_((w.double() + delta.to(w.device)).to(w.dtype))
@@ -254,6 +322,10 @@ def compute_multilayer_edit(adapter: TextEncoderAdapter, tokenizer, requests: Se
             stats[str(layer)] = {"residual_norm": float((z - h).norm(dim=1).mean()),
                                  "delta_norm": float(delta.norm()),
                                  "fit_error": float((K1 @ delta.T - R).norm() / R.norm().clamp_min(1e-30))}
+            if Ke is not None:
+                w0 = originals[layer].double().cpu()
+                stats[str(layer)].update(preserved_keys=int(Ke.shape[0]), preserved_key_shift=float(
+                    (Ke @ delta.T).norm() / (Ke @ w0.T).norm().clamp_min(1e-30)))
             logger.info("layer %d: mean ‖z − h‖ %.4g, ‖ΔW‖ %.4g", layer,
                         stats[str(layer)]["residual_norm"], stats[str(layer)]["delta_norm"])
         h_final = compute_hidden(adapter, tokenizer, requests, value_layer)

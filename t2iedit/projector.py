@@ -123,24 +123,3 @@ def null_space_projector(C0: torch.Tensor, mode: Mode = "relative", value: float
     return NullSpaceProjector(P=P, eigenvalues=eigenvalues, null_rank=null_rank, mode=mode,
                               value=float(value), threshold=threshold)
 
-
-def without_directions(P: torch.Tensor, keys: torch.Tensor, rtol: float = 1.0e-10) -> tuple[torch.Tensor, int]:
-    """``P`` with the span of ``P kᵀ`` for every row ``k`` of ``keys (n, d)`` removed from its null space.
-
-    ``P' = P − Q Qᵀ``, ``Q`` an orthonormal basis of ``range(P Kᵀ)`` (SVD; singular values below
-    ``rtol · max ‖k‖`` are rounding). ``Q ⊂ range(P)``, so ``P'`` is again a symmetric idempotent
-    projector, ``P' ≤ P``, and ``P' k = 0`` for every key: an update ``Δ = Δ P'`` leaves them exactly
-    unchanged. Returns ``(P', number of directions removed)``.
-    """
-    if keys.ndim != 2 or keys.shape[1] != P.shape[0]:
-        raise ValueError(f"keys must be (n, {P.shape[0]}), got {tuple(keys.shape)}")
-    P = P.detach().to(torch.float64)
-    K = keys.detach().to(torch.float64)
-    if K.shape[0] == 0:
-        return P, 0
-    PK = P @ K.T  # (d, n)
-    U, S, _ = torch.linalg.svd(PK, full_matrices=False)
-    tol = rtol * float(K.norm(dim=1).max())
-    Q = U[:, S > tol]  # (d, q)
-    out = P - Q @ Q.T
-    return (out + out.T) / 2, Q.shape[1]

@@ -10,6 +10,8 @@ Interface convention: keys and residuals are rows, ``K1 (n, d_in)``, ``R (n, d_o
   It minimises ``‖Δ P K1 − R‖² + β‖Δ P‖² + ‖Δ P Kp‖²``; ``Δ = Δ P``, so ``Δ k0 = 0`` for keys in
   the preserved space.
 - :func:`memit_update` — MEMIT/EMCID's ``Δ = R K1ᵀ (λ C0 + K1 K1ᵀ)⁻¹``.
+- :func:`without_directions` — a null-space projector with given keys' directions removed (the hard
+  form of ``edit.entity_keys: preserve``).
 """
 
 from __future__ import annotations
@@ -76,3 +78,24 @@ def memit_update(K1: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, lam: float
     A = lam * C0 + K @ K.T  # (d_in, d_in) symmetric
     A = (A + A.T) / 2
     return torch.linalg.solve(A, K @ R).T  # Δᵀ = A⁻¹ K Rᵀ → (d_out, d_in)
+
+
+def without_directions(P: torch.Tensor, keys: torch.Tensor, rtol: float = 1.0e-10) -> tuple[torch.Tensor, int]:
+    """``P`` with the span of ``P kᵀ`` for every row ``k`` of ``keys (n, d)`` removed from its null space.
+
+    ``P' = P − Q Qᵀ``, ``Q`` an orthonormal basis of ``range(P Kᵀ)`` (SVD; singular values below
+    ``rtol · max ‖k‖`` are rounding). ``Q ⊂ range(P)``, so ``P'`` is again a symmetric idempotent
+    projector, ``P' ≤ P``, and ``P' k = 0`` for every key: an update ``Δ = Δ P'`` leaves them exactly
+    unchanged. Returns ``(P', number of directions removed)``.
+    """
+    if keys.ndim != 2 or keys.shape[1] != P.shape[0]:
+        raise ValueError(f"keys must be (n, {P.shape[0]}), got {tuple(keys.shape)}")
+    P, K = _f64(P, keys)
+    if K.shape[0] == 0:
+        return P, 0
+    PK = P @ K.T  # (d, n)
+    U, S, _ = torch.linalg.svd(PK, full_matrices=False)
+    tol = rtol * float(K.norm(dim=1).max())
+    Q = U[:, S > tol]  # (d, q)
+    out = P - Q @ Q.T
+    return (out + out.T) / 2, Q.shape[1]

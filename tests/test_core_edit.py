@@ -222,3 +222,80 @@ def test_multilayer_edit_rejects_bad_input(encoder):
     with pytest.raises(ValueError, match="after the value layer"):
         compute_multilayer_edit(adapter, tokenizer, REQUESTS, z, (3, 5), 4, NullSpaceSolver(None),
                                 method="x", base_model_id="a", base_revision=None)
+
+
+# ---------------------------------------------------------------- entity keys (issue 15 item 4)
+from t2iedit.edit import entity_prompts, prompt_token_keys  # noqa: E402
+
+ENTITY_REQUESTS = [
+    EditRequest("e0", "The president of the United States", "Joe Biden", ((17, 34),)),
+    EditRequest("e1", "A dog", "A cat"),
+    EditRequest("e2", "The CEO of Amazon", "Andy Jassy", ((11, 17),)),
+]
+
+
+def test_entity_prompts_are_the_entity_alone_and_in_the_templates():
+    assert entity_prompts(ENTITY_REQUESTS, ("An image of {}", "{}")) == [
+        "the United States", "An image of the United States", "Amazon", "An image of Amazon"]
+
+
+def _entity_keys_edit(adapter, tokenizer, projectors, form, preserve=True):
+    targets = [EditRequest(r.edit_id, r.target, r.target) for r in ENTITY_REQUESTS]
+    z = compute_hidden(adapter, tokenizer, targets, VALUE_LAYER)
+    return compute_multilayer_edit(
+        adapter, tokenizer, ENTITY_REQUESTS, z, LAYERS, VALUE_LAYER,
+        NullSpaceSolver(projectors, beta=1e-3, preserve_form=form), method="ours-entity-keys",
+        base_model_id=BASE[0], base_revision=BASE[1],
+        preserve_prompts=entity_prompts(ENTITY_REQUESTS) if preserve else ())
+
+
+def _entity_shift(adapter, tokenizer, art):
+    """max over edited layers and entity-prompt tokens of ‖ΔW k‖ / ‖W k‖ (keys of the unedited model)."""
+    texts = entity_prompts(ENTITY_REQUESTS)
+    worst = 0.0
+    for layer in LAYERS:
+        K = prompt_token_keys(adapter, tokenizer, texts, layer)  # (n_tokens, d_in)
+        W = adapter.layer(layer).weight.detach().double()
+        delta = art.deltas[module_key("text_encoder", adapter.module_name(layer))].double()
+        worst = max(worst, float(((K @ delta.T).norm(dim=1) / (K @ W.T).norm(dim=1)).max()))
+    return worst
+
+
+@pytest.mark.parametrize("use_projector", [True, False])
+def test_entity_keys_preserve_leaves_every_entity_key_unmoved(encoder, moments, use_projector):
+    tokenizer, adapter = encoder
+    projectors = ({l: null_space_projector(m.moment(), "relative", 1e-10).P for l, m in moments.items()}
+                  if use_projector else None)
+    before = _state(adapter.model)
+    plain = _entity_keys_edit(adapter, tokenizer, projectors, "nullspace", preserve=False)
+    kept = _entity_keys_edit(adapter, tokenizer, projectors, "nullspace")
+    _assert_same_state(adapter.model, before)
+    assert _entity_shift(adapter, tokenizer, plain) > 1e-3  # the paper's solve moves them
+    # ‖ΔW k‖ ≈ 0 at every edited layer: exact (1e-15) on the keys the solve saw, float32 rounding of
+    # the partially edited model (W + ΔW cast back) on the unedited model's keys
+    assert _entity_shift(adapter, tokenizer, kept) < 1e-5
+    stats = kept.manifest.extra["layer_stats"]
+    assert all(stats[str(l)]["preserved_keys"] > 0 and stats[str(l)]["preserved_key_shift"] < 1e-9 for l in LAYERS), stats
+    # ... so the entity's standalone prompts encode exactly as before, while the edit still moves
+    enc = tokenizer(entity_prompts(ENTITY_REQUESTS), padding="longest", return_tensors="pt")
+    mask = enc["attention_mask"].bool()  # padding tokens' keys are not preserved (nor read)
+    with torch.no_grad():
+        ref = adapter.model(**enc).last_hidden_state[mask]
+        with edited({"text_encoder": adapter.model}, kept, *BASE):
+            new = adapter.model(**enc).last_hidden_state[mask]
+    assert (new - ref).norm() / ref.norm() < 1e-5
+    assert kept.manifest.extra["relative_residual_after"] < 0.9
+
+
+def test_entity_keys_sequential_form_shrinks_the_shift(encoder, moments):
+    tokenizer, adapter = encoder
+    projectors = {l: null_space_projector(m.moment(), "relative", 1e-10).P for l, m in moments.items()}
+    plain = _entity_shift(adapter, tokenizer, _entity_keys_edit(adapter, tokenizer, projectors, "sequential", False))
+    soft = _entity_shift(adapter, tokenizer, _entity_keys_edit(adapter, tokenizer, projectors, "sequential"))
+    assert soft < 0.5 * plain
+    with pytest.raises(ValueError, match="preserve_form"):
+        NullSpaceSolver(None, preserve_form="hard")
+    with pytest.raises(TypeError, match="cannot preserve"):
+        compute_multilayer_edit(adapter, tokenizer, ENTITY_REQUESTS, torch.zeros(3, adapter.value_dim), LAYERS,
+                                VALUE_LAYER, MemitSolver({}, lam=1.0), method="x", base_model_id="a",
+                                base_revision=None, preserve_prompts=["Amazon"])

@@ -76,7 +76,8 @@ def test_save_load_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------- what a rule protects (issue 15)
-from t2iedit.projector import protected_energy, without_directions  # noqa: E402
+from t2iedit.projector import protected_energy  # noqa: E402
+from t2iedit.solve import without_directions  # noqa: E402
 
 
 @pytest.mark.parametrize("mode,value", [("absolute", 1e-4), ("relative", 1e-3), ("rank", 12), ("energy", 1e-2)])

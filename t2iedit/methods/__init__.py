@@ -48,6 +48,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _ours("ours-no-projector", "ablation: P = I", {"use_projector": False}),
     _ours("ours-no-eata", "ablation: α = 0 (no entity-aware term)", {"values": {"alpha": 0.0}}),
     _ours("ours-no-visual", "ablation: λ = 0 (no visual loss)", {"values": {"lambda_visual": 0.0}}),
+    _ours("ours-entity-keys", "beyond the paper: each entity's standalone-prompt keys preserved by the solve",
+          {"entity_keys": "preserve"}),
 )}
 
 

@@ -2,7 +2,9 @@
 null-space constrained multi-layer solve ``Δ = R K1ᵀ P (K1 K1ᵀ P + β I)⁻¹``.
 
 The ablations are the same function under fixed settings (see the registry in ``t2iedit.methods``):
-``ours-no-projector`` (P = I), ``ours-no-eata`` (α = 0), ``ours-no-visual`` (λ = 0).
+``ours-no-projector`` (P = I), ``ours-no-eata`` (α = 0), ``ours-no-visual`` (λ = 0); and beyond the
+paper ``ours-entity-keys`` (``entity_keys="preserve"``: the keys of each entity's standalone prompts
+are preserved by the solve, METHOD.md §6).
 :func:`target_values` is shared with EMCID (same optimisation under EMCID's loss weighting).
 """
 
@@ -13,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from t2iedit.edit import EditArtifact, NullSpaceSolver, compute_multilayer_edit
+from t2iedit.edit import EditArtifact, NullSpaceSolver, compute_multilayer_edit, entity_prompts
 from t2iedit.storage import stable_hash
 from t2iedit.methods.base import Components, SharedStats, config_dict
 from t2iedit.prompts import EditRequest
@@ -26,7 +28,11 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class OursConfig:
     """``layers``/``value_layer`` ``None``: the preset's (SD: 0..10 / 10). ``use_projector`` False is
-    the P = I ablation. ``latent_*``: the source images of L_V when the pipeline supplies none."""
+    the P = I ablation. ``latent_*``: the source images of L_V when the pipeline supplies none.
+    ``entity_keys``: ``none`` (paper) | ``preserve`` (the keys of every token of each entity's
+    standalone prompts — the entity alone and in ``values.templates`` — are kept by the solve, by
+    ``entity_keys_form``: ``nullspace`` removes them from the null space, exact; ``sequential`` adds
+    them to AlphaEdit's K_p, soft)."""
 
     values: ValueConfig = field(default_factory=ValueConfig)
     layers: tuple[int, ...] | None = None
@@ -37,6 +43,14 @@ class OursConfig:
     latent_images: int = 1
     latent_seed: int = 0
     latent_steps: int | None = None
+    entity_keys: str = "none"
+    entity_keys_form: str = "nullspace"
+
+    def __post_init__(self):
+        if self.entity_keys not in ("none", "preserve"):
+            raise ValueError(f"entity_keys must be 'none' or 'preserve', got {self.entity_keys!r}")
+        if self.entity_keys_form not in ("nullspace", "sequential"):
+            raise ValueError(f"entity_keys_form must be 'nullspace' or 'sequential', got {self.entity_keys_form!r}")
 
 
 def resolve_layers(config, components: Components) -> tuple[tuple[int, ...], int]:
@@ -83,8 +97,9 @@ def compute_ours(requests: Sequence[EditRequest], stats: SharedStats, components
                         config.latent_steps)
     projectors = ({layer: stats.projector(layer) for layer in layers}
                   if config.use_projector else None)
-    solver = NullSpaceSolver(projectors=projectors, beta=config.beta)
+    solver = NullSpaceSolver(projectors=projectors, beta=config.beta, preserve_form=config.entity_keys_form)
+    preserve = entity_prompts(requests, config.values.templates) if config.entity_keys == "preserve" else ()
     return compute_multilayer_edit(
         components.adapter, components.tokenizer, requests, res.z, layers, value_layer, solver,
         config.values.templates, method=method, base_model_id=components.base_model_id,
-        base_revision=components.base_revision, config=config_dict(config))
+        base_revision=components.base_revision, config=config_dict(config), preserve_prompts=preserve)
