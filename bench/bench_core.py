@@ -4,9 +4,11 @@
 
 Measures, in one run on this machine:
 - key collection (second moments of fc2 inputs, layers 0..10) on COCO captions: our collector
-  (length-sorted batches padded to their longest prompt, forward stopped after layer 10) vs a naive one
-  (every prompt padded to 77, full 12-layer forward), both with the same float64 moment update and
-  producing the same moments; forward and moment-update time are reported separately;
+  (length-sorted batches padded to their longest prompt, forward stopped after layer 10, each distinct
+  token prefix's key once with its count, per-batch float32 products over the upper block triangle
+  merged in float64) vs a naive one (every prompt padded to 77, full 12-layer forward, every token's
+  float64 ``kᵀk`` update), producing the same moments (max relative difference reported); forward and
+  moment-update time are reported separately;
 - the null-space projector of one layer (3072 × 3072 eigh, float64);
 - the closed-form solve (paper eq. 7) for 100 and 1,000 edits over 11 layers (projector excluded);
 - peak RSS.
@@ -51,16 +53,42 @@ class _TimedMoment(SecondMoment):
 
     seconds = 0.0
 
-    def update(self, keys):
+    def update(self, keys, *args, **kwargs):
         start = time.perf_counter()
-        out = super().update(keys)
+        out = super().update(keys, *args, **kwargs)
         _TimedMoment.seconds += time.perf_counter() - start
         return out
 
 
+class _TimedGram32(keys_mod._Gram32):
+    """Our collector's float32 accumulator, timed as moment update too (add and fold)."""
+
+    def add(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().add(*args, **kwargs)
+        _TimedMoment.seconds += time.perf_counter() - start
+
+    def fold_into(self, *args, **kwargs):
+        start = time.perf_counter()
+        super().fold_into(*args, **kwargs)
+        _TimedMoment.seconds += time.perf_counter() - start
+
+
+class _NaiveMoment(_TimedMoment):
+    """The straightforward update: every key cast to float64, ``Σ += kᵀk`` (the full product)."""
+
+    def update(self, keys):
+        start = time.perf_counter()
+        k = keys.detach().to(torch.float64)
+        self.sum.addmm_(k.T, k)
+        self.count += k.shape[0]
+        _TimedMoment.seconds += time.perf_counter() - start
+        return self
+
+
 def naive_collect(adapter, tokenizer, texts, layers, batch_size):
     """The straightforward collector: pad every prompt to 77, run all 12 layers, mask padding."""
-    moments = {layer: _TimedMoment(adapter.layer(layer).in_features) for layer in layers}
+    moments = {layer: _NaiveMoment(adapter.layer(layer).in_features) for layer in layers}
     with torch.inference_mode(), adapter.capture(layers) as rec:
         for s in range(0, len(texts), batch_size):
             enc = tokenizer(texts[s:s + batch_size], padding="max_length", max_length=77, truncation=True,
@@ -85,8 +113,17 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--round-size", type=int, default=128, help="captions per interleaved round")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    ap.add_argument("--skip-projector-solve", action="store_true", help="key collection only")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "core.json"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    try:  # scipy's BLAS (our CPU float32 SYRK) has its own thread pool
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(args.threads)
+    except ImportError:
+        pass
 
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -107,6 +144,8 @@ def main() -> None:
     # Interleaved rounds: this machine is shared, so both collectors run under the same load; each
     # round's moments are merged (SecondMoment.merge), as workers' would be.
     keys_mod.SecondMoment = _TimedMoment  # time the update inside our collector too
+    gram32 = keys_mod._Gram32
+    keys_mod._Gram32 = _TimedGram32
     ours: dict = {}
     naive: dict = {}
     t_ours = t_naive = upd_ours = upd_naive = 0.0
@@ -127,6 +166,7 @@ def main() -> None:
             print(f"round {s // args.round_size}: ours {t_ours:.1f} s, naive {t_naive:.1f} s", flush=True)
     finally:
         keys_mod.SecondMoment = SecondMoment
+        keys_mod._Gram32 = gram32
     max_rel_diff = max(float((ours[l].moment() - naive[l].moment()).norm() / naive[l].moment().norm())
                        for l in LAYERS)
     assert all(ours[l].count == naive[l].count == n_tokens for l in LAYERS)
@@ -143,8 +183,17 @@ def main() -> None:
         "forward_work_ratio": (len(texts) * 77 * 12) / (padded_ours * 11),
         "max_relative_moment_difference": max_rel_diff,
         "target": ">= 5x",
+        "ours": "length-sorted, stop after layer 10, prefix dedup, float32 batch products merged in float64",
+        "naive": "pad to 77, 12 layers, float64 k^T k per batch",
     }
     print(json.dumps(result["key_collection"], indent=1), flush=True)
+
+    if args.skip_projector_solve:
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["machine"]["load_average_end"] = os.getloadavg()
+        write_json(args.out, result)
+        print(f"wrote {args.out}")
+        return
 
     # ---- projector of one layer (3072 x 3072 eigh, float64) ----
     C0 = ours[LAYERS[-1]].moment()

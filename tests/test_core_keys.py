@@ -155,3 +155,58 @@ def test_adapter_on_minilm(minilm_dir):
     h = compute_hidden(adapter, tokenizer, REQUESTS, 3)
     assert K1.shape == (3, 1536) and h.shape == (3, 384)
     assert torch.isfinite(K1).all() and torch.isfinite(h).all()
+
+
+def test_float32_batches_merged_in_float64_match_the_float64_update():
+    """The per-batch float32 product (upper block triangle, mirrored) and weighted rows agree with
+    the exact float64 Σ k kᵀ (issue 16 item 8)."""
+    g = torch.Generator().manual_seed(1)
+    K = torch.rand(500, 37, generator=g)  # fc2 inputs are mostly >= 0: the worst case for rounding
+    exact = SecondMoment(37).update(K)
+    fast = SecondMoment(37)
+    for chunk in K.split(64):
+        fast.update(chunk, batch_dtype=torch.float32)
+    assert fast.count == 500 and torch.equal(fast.sum, fast.sum.T)  # mirrored exactly
+    rel = float((fast.sum - exact.sum).norm() / exact.sum.norm())
+    assert 0 < rel < 1e-6  # float32 rounding, not float64 (0) and not a wrong block (~1)
+    # weights: one row standing for w identical rows
+    w = torch.randint(1, 5, (500,), generator=g)
+    rep = SecondMoment(37).update(K.repeat_interleave(w, dim=0))
+    for dt, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        weighted = SecondMoment(37).update(K, w, batch_dtype=dt)
+        assert weighted.count == int(w.sum())
+        torch.testing.assert_close(weighted.moment(), rep.moment(), rtol=rtol, atol=0)
+    with pytest.raises(ValueError, match="weights"):
+        SecondMoment(37).update(K, w[:3])
+    # the GPU path (block GEMMs over the upper triangle), run here on the CPU
+    from t2iedit.keys import _add_gram_upper_blocks
+
+    blocks = torch.zeros(37, 37, dtype=torch.float64)
+    _add_gram_upper_blocks(blocks, K)
+    assert torch.equal(blocks, blocks.T)
+    assert 0 < float((blocks - exact.sum).norm() / exact.sum.norm()) < 1e-6
+
+
+def test_prefix_dedup_and_float32_give_the_float64_moment(clip):
+    """Shared prefixes (BOS, "A …") enter once with their count; float32 batches: same C0 as the
+    exact float64 collection of every token padded to 77."""
+    from t2iedit.keys import _prefix_weights
+
+    tokenizer, adapter = clip
+    texts = TEXTS + ["A dog on a bench", "A dog on a sofa", "A dog"]
+    ids = tokenizer(texts)["input_ids"]
+    w = _prefix_weights(ids, range(len(ids)))
+    assert sum(map(sum, w)) == sum(map(len, ids))  # every token counted exactly once
+    assert w[0][0] == len(texts)  # BOS: one key for all texts
+    assert sum(x > 0 for row in w for x in row) < sum(map(len, ids))
+    for layer in (0, 2):
+        K0 = _naive_keys(adapter, tokenizer, texts, layer)
+        ref = K0.T @ K0 / K0.shape[0]
+        for causal in (True, False):
+            m = collect_second_moment(adapter, tokenizer, texts, [0, 2], batch_size=4, progress=False,
+                                      causal=causal)[layer]
+            assert m.count == K0.shape[0]
+            torch.testing.assert_close(m.moment(), ref, rtol=1e-5, atol=1e-7)
+        exact = collect_second_moment(adapter, tokenizer, texts, [layer], batch_size=4,
+                                      progress=False, batch_dtype=torch.float64, causal=False)[layer]
+        torch.testing.assert_close(exact.moment(), ref, rtol=1e-5, atol=1e-7)

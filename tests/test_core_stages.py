@@ -79,7 +79,8 @@ def test_statistics_projector_edit_chain(stages):
     for layer in layers:
         m = SecondMoment.load(moment_file(merged, layer))
         assert m.count == whole[layer].count
-        torch.testing.assert_close(m.moment(), whole[layer].moment(), rtol=1e-5, atol=1e-8)
+        # float32 per-batch products, prefixes deduplicated per shard (issue 16 item 8): rounding 1e-7
+        torch.testing.assert_close(m.moment(), whole[layer].moment(), rtol=1e-5, atol=1e-7)
 
     projectors = {l: build_projector.fn(projector_file(root / "projector", l), f"fp{l}",
                                         moment_file(merged, l), "relative", 1.0e-3) for l in layers}
