@@ -70,6 +70,7 @@ import os
 import shutil
 import signal
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -103,6 +104,27 @@ FAULT_ENV = "T2IEDIT_FAULT_AT"
 #: ``revert`` after state.json (unlisted) and after the move to reverted/; ``create``.
 WRITE_STEPS = ("create:state", "add:tmp", "add:deltas", "add:manifest", "add:keys", "add:requests",
                "add:hashes", "add:renamed", "add:state", "revert:state", "revert:moved")
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) until the block is done, then raise the KeyboardInterrupt: a store's
+    multi-file update is never cut halfway by Ctrl-C. Only the main thread receives signals; elsewhere
+    (and with a non-default handler installed) this does nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def fault_point(step: str) -> None:
@@ -289,8 +311,9 @@ class ContinualState:
         if (folder / STATE_FILE).exists():
             raise StoreError(f"{folder}: a continual-editing store already exists here")
         state = cls(base, folder=folder, settings=dict(settings or {}))
-        state._write()
-        fault_point("create:state")
+        with interrupts_deferred():
+            state._write()
+            fault_point("create:state")
         return state
 
     @classmethod
@@ -301,7 +324,8 @@ class ContinualState:
         if not path.exists():
             raise StoreError(f"{folder}: no continual-editing store ({STATE_FILE} missing); "
                              f"run `t2iedit edit` first or pass --store")
-        recovered = cls.recover(folder)
+        with interrupts_deferred():
+            recovered = cls.recover(folder)
         try:
             raw = read_json(path)
         except (ValueError, UnicodeDecodeError) as e:
@@ -446,6 +470,10 @@ class ContinualState:
         return f"{self.next_seq:03d}-{slug}"
 
     def add(self, batch: Batch) -> None:
+        with interrupts_deferred():
+            self._add(batch)
+
+    def _add(self, batch: Batch) -> None:
         if any(b.edit_id == batch.edit_id for b in self.batches):
             raise StoreError(f"an applied edit is already called {batch.edit_id!r}")
         if self.folder is not None:
@@ -464,6 +492,10 @@ class ContinualState:
         fault_point("add:state")
 
     def remove(self, edit_id: str) -> Batch:
+        with interrupts_deferred():
+            return self._remove(edit_id)
+
+    def _remove(self, edit_id: str) -> Batch:
         batch = self.batch(edit_id)
         self.batches = [b for b in self.batches if b is not batch]
         if self.folder is not None:
@@ -611,8 +643,9 @@ class ContinualEditor:
                      "prior_key_counts": {str(l): int(k.shape[0]) for l, k in prior.items()},
                      "sequential": bool(sequential), "superseded": superseded,
                      "base_weights_sha256": self.state.base.weights_sha256}
-        manifest = dataclasses.replace(
-            artifact.manifest, extra={**artifact.manifest.extra, **dict(extra or {}), "continual": continual})
+        manifest = dataclasses.replace(  # the store records when each batch was applied (`t2iedit list`)
+            artifact.manifest, extra={**artifact.manifest.extra, **dict(extra or {}), "continual": continual},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         batch = Batch(edit_id, self.state.next_seq, EditArtifact(artifact.deltas, manifest),
                       recorder.keys, list(requests), layer_modules)
         self.state.add(batch)

@@ -6,6 +6,8 @@ non-zero exit code."""
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -41,6 +43,9 @@ def files(tmp_path_factory):
     return d
 
 
+EDIT_OUTPUT: dict[str, str] = {}  # what `edit` printed while building the module's store
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, files):
     """A store with two batches: facts.csv (2 facts) then more.yaml (1 fact)."""
@@ -48,6 +53,7 @@ def store(tmp_path_factory, files):
     for f in ("facts.csv", "more.yaml"):
         result, text = run("edit", files / f, "--store", folder, "--preset", "tiny", *FAST)
         assert result.exit_code == 0, text
+        EDIT_OUTPUT[f] = text
     return folder
 
 
@@ -138,7 +144,7 @@ def test_revert_then_list(store, tmp_path):
 def test_bad_files_fail_clearly(files, tmp_path):
     result, text = run("edit", files / "bad.csv", "--store", tmp_path / "s", *FAST)
     assert result.exit_code == 1
-    assert "bad.csv: row 2, field 'target': empty" in " ".join(text.split())
+    assert "bad.csv: line 3 (row 2), field 'target': empty" in " ".join(text.split())
     result, text = run("edit", files / "badfield.csv", "--store", tmp_path / "s", *FAST)
     assert result.exit_code == 1 and "field 'goal': unknown field" in " ".join(text.split())
     result, text = run("edit", tmp_path / "missing.csv", "--store", tmp_path / "s")
@@ -159,3 +165,186 @@ def test_another_base_model_is_refused(store, files, tmp_path):
     assert result.exit_code == 1
     assert "were made on base model 'tiny'" in " ".join(text.split())
     assert not (tmp_path / "x.png").exists()
+
+
+
+# ----------------------------------------------------------------------- issue 18 items 3 and 5: a new user
+def _no_traceback(result) -> bool:
+    """CliRunner catches what would reach the terminal as a traceback in ``result.exception``."""
+    return result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_the_value_stage_shows_adam_steps_and_the_loss(store):
+    # the bar counts steps (10 of them), not facts ("0/2" for minutes), and shows the current loss
+    text = " ".join(EDIT_OUTPUT["facts.csv"].split())
+    assert re.search(r"target values \(2 facts\): step 10/10, loss \d", text), text
+    assert "10/10" in text
+
+
+def test_no_torchvision_warning_on_any_command():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "t2iedit.cli", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0
+    assert "torchvision" not in res.stdout + res.stderr
+
+
+def test_the_torchvision_filter_drops_only_that_warning():
+    import logging
+
+    from t2iedit.cli import TRANSFORMERS_IMPORT_LOGGER, TorchvisionFallbackFilter
+
+    f = TorchvisionFallbackFilter()
+
+    def record(msg):
+        return logging.LogRecord(TRANSFORMERS_IMPORT_LOGGER, logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not f.filter(record("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                               "`CLIPImageProcessorPil` for backward compatibility. Install torchvision ..."))
+    assert f.filter(record("`CLIPImageProcessor` could not be imported"))
+    assert f.filter(record("torchvision is required for video processing"))
+    assert any(isinstance(x, TorchvisionFallbackFilter)
+               for x in logging.getLogger(TRANSFORMERS_IMPORT_LOGGER).filters)
+
+
+def test_validate_checks_a_file_without_a_model(files, tmp_path):
+    result, text = run("validate", files / "facts.csv")
+    assert result.exit_code == 0, text
+    assert len(text.strip().splitlines()) == 1 and "2 facts, valid (1 with an entity)" in text
+    result, text = run("validate", files / "bad.csv")
+    assert result.exit_code == 1 and "line 3 (row 2), field 'target': empty" in " ".join(text.split())
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with EF BB BF
+    path.write_bytes("source,target\nThe capital of France,Tokyo\n".encode("utf-8-sig"))
+    result, text = run("validate", path)
+    assert result.exit_code == 0, text
+    assert "1 facts, valid" in text
+
+
+def test_every_bad_row_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "many.csv"
+    lines = ["source,target", "A dog,A cat", '"A multi', 'line source",A cow', "A pig,"]
+    lines += [f"A thing {i}," for i in range(30)]  # 31 empty targets in all
+    path.write_text("\n".join(lines) + "\n")
+    result, text = run("validate", path)
+    flat = " ".join(text.split())
+    assert result.exit_code == 1 and _no_traceback(result)
+    assert "many.csv: 31 errors" in flat
+    assert "line 5 (row 3), field 'target': empty" in flat  # the quoted record spans lines 3-4
+    assert "line 6 (row 4), field 'target': empty" in flat
+    assert text.count("field 'target': empty") == 20 and "and 11 more" in flat
+
+
+def test_an_unterminated_quote_is_named(tmp_path):
+    path = tmp_path / "quote.csv"
+    path.write_text('source,target\nA dog,A cat\n"A cow,A horse\nA pig,A hen\n')
+    result, text = run("validate", path)
+    assert result.exit_code == 1 and _no_traceback(result)
+    assert "quote.csv: line 3: unterminated quote" in " ".join(text.split())
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("source,target\nA dog,A cat\nThe café,A bar\n".encode("latin-1"))
+    for cmd in (["validate", path], ["edit", path, "--store", tmp_path / "s", *FAST]):
+        result, text = run(*cmd)
+        flat = " ".join(text.split())
+        assert result.exit_code == 1 and _no_traceback(result), text
+        assert "bad edit file" in flat and "latin1.csv: line 3: not UTF-8 text (byte 0xe9" in flat
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "-3"], "--steps must be at least 1, got -3"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--projector-mode", "bogus"], "--projector-mode must be one of"),
+    (["--layers", "0,99"], "--layers: 99 not in 0..4"),
+    (["--layers", "0,x"], "--layers must be comma-separated integers"),
+    (["--method", "nope"], "--method must be one of"),
+])
+def test_bad_options_are_named_before_any_model_loads(files, tmp_path, args, message):
+    # even with a bad file: the option is what is wrong first, and it is not called a bad edit file
+    for facts in ("facts.csv", "bad.csv"):
+        result, text = run("edit", files / facts, "--store", tmp_path / "s", *FAST, *args)
+        flat = " ".join(text.split())
+        assert result.exit_code == 2 and _no_traceback(result), text
+        assert f"bad option: {message}" in flat and "bad edit file" not in flat
+    assert not (tmp_path / "s").exists()  # no store, and no model was built into it
+
+
+def test_an_unreachable_hub_model_is_one_message_and_no_store(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    result, text = run("edit", files / "facts.csv", "--store", tmp_path / "s", "--preset", "sd-v1-4", *FAST)
+    assert result.exit_code == 1 and _no_traceback(result), text
+    assert "cannot load the model: CompVis/stable-diffusion-v1-4" in " ".join(text.split())
+    assert len(text.strip().splitlines()) <= 6, text
+    assert not (tmp_path / "s").exists()
+
+
+def test_list_never_cuts_the_ids_revert_takes(store):
+    ids = [b.edit_id for b in ContinualState.open(store).batches]
+    for columns in ("30", "200"):
+        result = runner.invoke(app, ["list", "--store", str(store)], env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        for edit_id in ids:
+            assert any(edit_id in line.split() for line in lines), (columns, result.output)
+
+
+def _cli(*args, env=None, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "t2iedit.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, **kw)
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and "stats" not in p.parts}
+
+
+def test_ctrl_c_prints_one_line_and_leaves_the_store_as_it_was(store, files, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    before = _snapshot(copy)
+    proc = _cli("edit", files / "more.yaml", "--store", copy, "--steps", "100000", "--corpus-size", "200",
+                env={"OMP_NUM_THREADS": "1"})
+    time.sleep(30)  # imports, the model, then the 100000-step Adam loop (a Ctrl-C at any time must do)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert [l for l in output.splitlines() if "interrupted" in l] == [
+        "interrupted (Ctrl-C): stopped; the store is as it was before this command"]
+    assert _snapshot(copy) == before
+
+
+def test_an_edit_killed_after_writing_its_batch_is_adopted_by_the_next_command(store, files, tmp_path):
+    import shutil
+
+    from t2iedit.continual import FAULT_ENV
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    proc = _cli("edit", files / "more.yaml", "--store", copy, "--name", "again", *FAST,
+                env={FAULT_ENV: "add:renamed", "OMP_NUM_THREADS": "1"})
+    out_text = proc.communicate(timeout=300)[0]
+    assert proc.returncode == -9, out_text  # SIGKILL between the batch folder and state.json
+    assert (copy / "batches" / "003-again").is_dir()
+    result, text = run("list", "--store", copy)  # today: 003-again exists but is not listed
+    assert result.exit_code == 0, text
+    assert "recovered: adopted batch 003-again" in " ".join(text.split())
+    assert "003-again" in [line.split()[1] for line in text.splitlines() if line[:1].isdigit()]
+    result, text = run("revert", "003-again", "--store", copy)
+    assert result.exit_code == 0 and "reverted 003-again" in text

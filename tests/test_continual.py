@@ -358,3 +358,18 @@ def test_an_unlisted_batch_that_does_not_match_its_hashes_is_moved_aside(two_bat
     assert any("moved" in m and "interrupted" in m for m in state.recovered)
     state.add(b)  # the edit can be made again
     assert [x.edit_id for x in ContinualState.open(folder).batches] == ["001-batch", "002-batch"]
+
+
+def test_ctrl_c_during_a_store_write_waits_for_the_write():
+    import os
+    import signal
+
+    from t2iedit.continual import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)  # delivered at once, held until the block ends
+            done.append("write finished")
+    assert done == ["write finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -294,23 +294,23 @@ def test_user_csv_and_yaml(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("name,text,message", [
-    ("a.csv", "source,target\nA dog,A cat\n ,A cow\n", r"a\.csv: row 2, field 'source': empty"),
-    ("b.csv", "source,target\nA dog,A cat\nA cow,\n", r"b\.csv: row 2, field 'target': empty"),
-    ("c.yaml", "- {source: A dog, target: A cat}\n- {source: A cow, target: ''}\n", r"c\.yaml: row 2, field 'target': empty"),
+    ("a.csv", "source,target\nA dog,A cat\n ,A cow\n", r"a\.csv: line 3 \(row 2\), field 'source': empty"),
+    ("b.csv", "source,target\nA dog,A cat\nA cow,\n", r"b\.csv: line 3 \(row 2\), field 'target': empty"),
+    ("c.yaml", "- {source: A dog, target: A cat}\n- {source: A cow, target: ''}\n", r"c\.yaml: line 2 \(row 2\), field 'target': empty"),
     ("d.csv", "source,target\nA dog,A cat\nA cow,A pig\na  DOG,A wolf\n",
-     r"d\.csv: row 3, field 'source': 'a  DOG' duplicates row 1 with a different target 'A cat'"),
+     r"d\.csv: line 4 \(row 3\), field 'source': 'a  DOG' duplicates line 2 \(row 1\) with a different target 'A cat'"),
     ("e.yaml", "- {source: A dog, target: A cat}\n- {source: A dog, target: A cat}\n",
-     r"e\.yaml: row 2, field 'source': 'A dog' duplicates row 1 with the same target"),
+     r"e\.yaml: line 2 \(row 2\), field 'source': 'A dog' duplicates line 1 \(row 1\) with the same target"),
     ("f.csv", "source,target\nA dog,A " + "very " * 80 + "big cat\n",
-     r"f\.csv: row 1, field 'target': \d+ CLIP tokens, more than 77"),
+     r"f\.csv: line 2 \(row 1\), field 'target': \d+ CLIP tokens, more than 77"),
     ("g.csv", "source,tgt\nA dog,A cat\n", r"g\.csv: header, field 'tgt': unknown field"),
     ("h.csv", "source\nA dog\n", r"h\.csv: header, field 'target': missing"),
-    ("i.yaml", "- {source: A dog}\n", r"i\.yaml: row 1, field 'target': missing"),
+    ("i.yaml", "- {source: A dog}\n", r"i\.yaml: line 1 \(row 1\), field 'target': missing"),
     ("j.csv", "source,target,entity\nThe CEO of Amazon,Tim Cook,Google\n",
-     r"j\.csv: row 1, field 'entity': 'Google' does not occur in the source"),
+     r"j\.csv: line 2 \(row 1\), field 'entity': 'Google' does not occur in the source"),
     ("k.txt", "A dog -> A cat\n", r"k\.txt: unsupported edit file type"),
-    ("l.csv", "source,target\nA dog,A cat,extra\n", r"l\.csv: row 1: 1 cells beyond the header"),
-    ("m.yaml", "- {source: 12, target: A cat}\n", r"m\.yaml: row 1, field 'source': expected text, got int"),
+    ("l.csv", "source,target\nA dog,A cat,extra\n", r"l\.csv: line 2 \(row 1\): 1 cells beyond the header"),
+    ("m.yaml", "- {source: 12, target: A cat}\n", r"m\.yaml: line 1 \(row 1\), field 'source': expected text, got int"),
 ])
 def test_user_file_errors(tmp_path, tokenizer, name, text, message):
     path = _write(tmp_path, name, text)
