@@ -4,7 +4,8 @@
 prepare_model locked (data/models/lock.json), data/processed/datasets/eval_prompts.parquet and, for
 the ``edited`` method, the edit stage's artifact folder data/edit/artifact (an ``EditArtifact``). Methods: ``edited`` (edit applied,
 evaluation prompts), ``unedited`` (evaluation prompts) and ``oracle`` (unedited, oracle prompts).
-Writes content-addressed PNGs under data/eval/images/ (persist: an image is never generated twice),
+Writes content-addressed PNGs under data/eval/images/ (persist: an image is never generated twice;
+images no index of the finished run lists are pruned, so the folder depends only on this run),
 one index per batch under data/eval/batches/ (mapped tasks: a killed run keeps finished batches) and
 one index per method data/eval/index/<method>.parquet.
 """
@@ -23,7 +24,7 @@ from t2iedit.storage import read_parquet
 from t2iedit.models import get_preset
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
-from tasks.evaluate import generate_batch, images_key, merge_index
+from tasks.evaluate import generate_batch, images_key, merge_index, prune_images
 from tasks.model import LOCK_FILE, locked_model
 
 EVAL_PROMPTS = Path("data/processed/datasets/eval_prompts.parquet")
@@ -80,6 +81,9 @@ def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
         outs[method] = merge_index(INDEX_DIR / f"{method}.parquet", fp, done)
         log.info("%s: %d images in %d batches (model %s)", method, len(items), len(chunks), mh[:16])
     prune(BATCHES, keep=batch_files)
+    removed = prune_images(IMAGES, list(outs.values()))  # only this run's images: a reproducible output
+    if removed:
+        log.info("pruned %d images no index of this run lists (earlier models or settings)", len(removed))
     return outs
 
 

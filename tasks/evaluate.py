@@ -78,6 +78,25 @@ def merge_index(out: Path, fingerprint: str, batches: list[Path]) -> Path:
     return run_once(out, fingerprint, lambda path: write_index(path, [read_index(b) for b in batches]))
 
 
+def prune_images(image_root: Path, indexes: list[Path]) -> list[Path]:
+    """Delete the images under ``image_root`` that none of ``indexes`` lists, and emptied folders.
+
+    The image folder is a ``persist: true`` DVC output (an image is never generated twice), so without
+    this it keeps the images of every earlier model, edit and sampling setting: its hash in dvc.lock
+    then depends on the history of the workspace, and a clean clone's ``dvc repro`` (which produces
+    only this run's images) rewrites the committed lock (issue 18 item 4).
+    """
+    image_root = Path(image_root)
+    keep = {(image_root / p).resolve() for i in indexes for p in read_index(i).column("path").to_pylist()}
+    removed = [p for p in sorted(image_root.rglob("*")) if p.is_file() and p.resolve() not in keep]
+    for p in removed:
+        p.unlink()
+    for d in sorted((d for d in image_root.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    return removed
+
+
 @task(cache_policy=STAMP_CACHE)
 def score_batch(out: Path, fingerprint: str, method: str, prompt_column: str, eval_prompts: Path,
                 prompt_ids: list[str], index: Path, image_root: Path, clip_source: str,
