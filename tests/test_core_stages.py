@@ -62,7 +62,7 @@ def test_lock_model_pins_a_local_pipeline_folder(tmp_path):
 
     with pytest.raises(ValueError, match=r"model.source: .*nowhere has no model_index.json"):
         lock_model.fn(tmp_path / "m2/lock.json", "fp", "tiny", 0, str(tmp_path / "nowhere"))
-    with pytest.raises(ValueError, match=r"model.source: .* text-encoder layers but preset 'sd-v1-4'"):
+    with pytest.raises(ValueError, match=r"model.source: .*field 'hidden_size' is 64 but preset 'sd-v1-4'"):
         lock_model.fn(tmp_path / "m3/lock.json", "fp", "sd-v1-4", 0, str(folder))
     assert not (tmp_path / "m2/lock.json").exists() and not (tmp_path / "m3/lock.json").exists()
 

@@ -127,3 +127,55 @@ def test_parallel_loads_in_threads_give_correct_weights(tiny_dir, tiny_pipe):
     for pipe in pipes:
         for name, tensor in pipe.unet.state_dict().items():
             assert tensor.device.type == "cpu" and torch.equal(tensor, ref[name]), name
+
+
+def _copy_with(folder: Path, dest: Path, edits: dict[str, dict]) -> Path:
+    """A copy of a pipeline folder with some config fields changed ({relative config path: {key: value}})."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, dest)
+    for rel, fields in edits.items():
+        cfg = dest / rel
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), **fields}))
+    return dest
+
+
+def test_source_folder_must_hold_every_component_of_the_presets_architecture(tiny_dir, tmp_path):
+    """issue 16 item 4: a model_index.json = {} folder with an 11-layer text config, or a folder whose
+    text depth, text width, cross-attention width or latent channels differ from the preset's, is
+    rejected with the file and field named (before: both were accepted for sd-v1-4)."""
+    import json
+
+    from t2iedit.models import preset_architecture
+    from tasks.model import check_pipeline_folder
+
+    bare = tmp_path / "bare"
+    (bare / "text_encoder").mkdir(parents=True)
+    (bare / "model_index.json").write_text("{}")
+    (bare / "text_encoder" / "config.json").write_text(json.dumps({"num_hidden_layers": 11}))
+    with pytest.raises(ValueError, match=r"model.source: .*model_index.json does not list the components "
+                                         r"\['text_encoder', 'tokenizer', 'unet', 'vae', 'scheduler'\]"):
+        check_pipeline_folder(bare, "sd-v1-4")
+
+    assert check_pipeline_folder(tiny_dir, "tiny") == tiny_dir.resolve()
+    assert preset_architecture("sd-v1-4") == {"text_hidden": 768, "text_layers": 12,
+                                              "cross_attention_dim": 768, "latent_channels": 4}
+    te, unet, vae = "text_encoder/config.json", "unet/config.json", "vae/config.json"
+    cases = {  # (preset, edits) -> the field the error names
+        "eleven": ("sd-v1-4", {te: {"hidden_size": 768, "num_hidden_layers": 11}}, "num_hidden_layers"),
+        "width": ("tiny", {te: {"hidden_size": 32}}, "hidden_size"),
+        "depth": ("tiny", {te: {"num_hidden_layers": 5}}, "num_hidden_layers"),
+        "xattn": ("tiny", {unet: {"cross_attention_dim": 32}}, "cross_attention_dim"),
+        "latent": ("tiny", {vae: {"latent_channels": 8}}, "latent_channels"),
+    }
+    for name, (preset, edits, field) in cases.items():
+        folder = _copy_with(tiny_dir, tmp_path / name, edits)
+        with pytest.raises(ValueError, match=rf"model.source: .*config.json field '{field}' is .* but preset "
+                                             rf"'{preset}' has"):
+            check_pipeline_folder(folder, preset)
+    no_vae = _copy_with(tiny_dir, tmp_path / "no_vae", {})
+    for f in (no_vae / "vae").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ValueError, match=r"model.source: .*vae holds no weights"):
+        check_pipeline_folder(no_vae, "tiny")
