@@ -77,14 +77,37 @@ def test_values_tasks_batches_merge_and_edit_contract(stage_inputs):
                               [r.edit_id for r in b], [r.source for r in b], 0, 1, 2)
             for i, b in enumerate(batches)]
     assert load_tensors(lats[0])["latents"].shape[:2] == (3, 1)
-    outs = [values_batch.fn(root / "values" / "batches" / f"b{i}.safetensors", f"v{i}", models, as_dicts(b),
-                            config, layer, lat) for i, (b, lat) in enumerate(zip(batches, lats))]
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # the progress logger outside a Prefect run (tasks.values.StepProgress)
+    log = logging.getLogger("t2iedit.tasks")
+    level, log.level = log.level, logging.INFO
+    log.addHandler(handler)
+    try:
+        outs = [values_batch.fn(root / "values" / "batches" / f"b{i}.safetensors", f"v{i}", models, as_dicts(b),
+                                config, layer, lat) for i, (b, lat) in enumerate(zip(batches, lats))]
+    finally:
+        log.removeHandler(handler)
+        log.level = level
+    # progress (issue 18 item 5): each batch logs its step, the current loss and the rate
+    lines = [r.getMessage() for r in records if "step 3/3" in r.getMessage()]
+    assert len(lines) == 2 and all("loss" in x and "steps/s" in x for x in lines), lines
     merged = merge_values.fn(root / "values" / "values.safetensors", "v", outs, config)
     meta = load_meta(merged)
     assert meta["edit_ids"] == [r.edit_id for r in reqs] and meta["value_layer"] == layer
     losses = read_parquet(losses_file(merged), LOSS_SCHEMA)
     assert losses.column("steps").to_pylist() == [3] * n
-    assert values_metrics(merged)["n_edits"] == n
+    metrics = values_metrics(merged)
+    assert metrics["n_edits"] == n
+    # each weighted term's share of the loss at the first and last Adam step, all edits together
+    assert set(metrics["share"]) == {"text", "eata", "visual"}
+    for when in ("first", "last"):
+        want = sum(losses.column(f"{when}_visual").to_pylist()) / sum(losses.column(f"{when}_total").to_pylist())
+        assert metrics["share"]["visual"][when] == pytest.approx(want)
+        assert 0 < metrics["share"]["visual"][when] < 1
+        assert sum(metrics["share"][k][when] for k in ("text", "eata", "visual")) <= 1 + 1e-9
     # the edit stage reads z by edit id, in its own request order
     stage_reqs = edit_stage_requests(edits)
     z = aligned_targets(merged, stage_reqs[::-1], layer)
@@ -98,3 +121,51 @@ def test_values_tasks_batches_merge_and_edit_contract(stage_inputs):
     values_batch.fn(outs[0], "v0-text", models, as_dicts(batches[0]), text_only, layer, None)
     assert outs[0].stat().st_mtime_ns != mtime
     assert load_meta(outs[0])["config"]["lambda_visual"] == 0.0
+
+
+def test_values_params_refuse_the_emcid_reading_without_lambda(tmp_path):
+    """λ = 0 is the text-only mode of the paper reading; under ``emcid`` it would drop the text term."""
+    import yaml
+    from pydantic import ValidationError
+
+    from flows.stage import load_params
+    from flows.values import ValuesParams
+
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump({"values": {"weighting": "emcid", "lambda_visual": 0.0}}))
+    with pytest.raises(ValidationError, match="text-only mode"):
+        load_params("values", ValuesParams, f)
+    f.write_text(yaml.safe_dump({"values": {"weighting": "paper", "lambda_visual": 0.0}}))
+    assert load_params("values", ValuesParams, f).lambda_visual == 0.0
+    assert ValuesParams().weighting == "emcid"  # the default reading (METHOD.md §5)
+
+
+def test_step_progress_inside_a_task_run(prefect_harness):
+    """Inside a Prefect task run the values progress goes to the run logger and a progress artifact."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    from tasks.values import StepProgress
+
+    @task
+    def optimise() -> str:
+        progress = StepProgress("values test-batch (2 edits)", every_s=0.0)
+        for step in range(1, 4):
+            progress(step, 3, 1.0 / step)
+        return str(progress.progress_id)
+
+    @flow
+    def run() -> str:
+        return optimise()
+
+    artifact_id = run()
+    assert artifact_id != "None"
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    import asyncio
+
+    arts = [a for a in asyncio.run(read()) if str(a.id) == artifact_id]
+    assert arts and arts[0].type == "progress" and float(arts[0].data) == 100.0
