@@ -27,6 +27,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("ner", "flows.ner"),
     ("values", "flows.values"),
     ("edit", "flows.edit"),
+    ("text_space", "flows.text_space"),
     ("generate", "flows.generate"),
     ("metrics", "flows.metrics"),
     ("report", "flows.report"),

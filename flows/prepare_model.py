@@ -2,7 +2,7 @@
 
 ``python -m flows.prepare_model`` (DVC stage ``prepare_model``) reads params.yaml ``model`` and writes
 data/models/lock.json (preset, source, revision, sha256 of every file) — plus the tiny preset's
-weights under data/models/tiny-seed<seed>/; a hub preset's weights live in the Hugging Face cache;
+weights under data/models/<preset>-seed<seed>/; a hub preset's weights live in the Hugging Face cache;
 ``model.source`` (a local folder) replaces both.
 """
 
@@ -24,7 +24,7 @@ CODE = ["t2iedit.models", "t2iedit.storage", "tasks.model"]
 
 
 class ModelParams(StageParams):
-    preset: Literal["tiny", "sd-v1-4", "sd-v1-5"] = "tiny"
+    preset: Literal["tiny", "tiny-minilm", "sd-v1-4", "sd-v1-5"] = "tiny-minilm"
     seed: int = 0  # seed of the tiny model's weights (ignored by hub presets)
     # a local pipeline folder (save_pretrained) of the preset's architecture, instead of the hub
     # snapshot / the built tiny weights; outside the repo, so DVC does not watch it: after changing

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from flows.reporting import logger
 from flows.stage import PARAMS_FILE, StageParams, load_params, read_params, run_stage
+from t2iedit.models import get_preset
 from t2iedit.storage import write_json
 from t2iedit.prompts import DEFAULT_TEMPLATES
 from t2iedit.values import DEFAULT_WEIGHTING, weighted_config
@@ -54,7 +55,8 @@ class ValuesParams(StageParams):
     clamp: float = Field(default=1.5, gt=0)           # ‖δ‖ ≤ clamp · ‖z0‖
     weight_decay: float = Field(default=1.0e-3, ge=0)
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
-    pooling: Literal["eos", "cls", "mean"] = "eos"    # CLIP: eos (the pooled [EOS] feature)
+    # None: the preset's (CLIP: eos, the pooled [EOS] feature; tiny-minilm: mean, as MiniLM was trained)
+    pooling: Literal["eos", "cls", "mean"] | None = None
     seed: int = 0                                     # draws of t and noise; source-image seeds
     batch_size: int = Field(default=32, ge=1)         # edits optimised together (one resumable item)
     latent_images: int = Field(default=1, ge=1)       # source images per edit for L_V
@@ -81,7 +83,7 @@ def values(params_file: str = PARAMS_FILE) -> Path:
     value_layer = edit_value_layer(params_file, lock)
     cfg = weighted_config(p.weighting, lam=p.lambda_visual, alpha=p.alpha, steps=p.steps, lr=p.lr,
                           clamp_factor=p.clamp, weight_decay=p.weight_decay, templates=tuple(p.templates),
-                          pooling=p.pooling, seed=p.seed)
+                          pooling=p.pooling or get_preset(lock["preset"]).pooling, seed=p.seed)
     config = {**asdict(cfg), "templates": list(cfg.templates)}
     requests = edit_requests(EDITS, ENTITIES)
     batches = [requests[i:i + p.batch_size] for i in range(0, len(requests), p.batch_size)]

@@ -23,20 +23,20 @@ from t2iedit.metrics import CATEGORY_ORDER, DISPLAY
 logger = logging.getLogger(__name__)
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return Path(path)
 
 
 def edit_grid(rows: Sequence[tuple[str, Image.Image, Image.Image]], path: str | os.PathLike,
-              title: str | None = None) -> Path:
+              title: str | None = None, dpi: int = 100) -> Path:
     """One row per prompt (label, image before the edit, image after), two columns: before/after.
-    Typically the source prompt and a specificity prompt of one edit."""
+    Typically the source prompt, a generality and a specificity prompt of one edit."""
     if not rows:
         raise ValueError("no rows for the grid")
-    fig = Figure(figsize=(5.0, 2.6 * len(rows)))
+    fig = Figure(figsize=(4.2, 2.0 * len(rows) + 0.4))
     axes = fig.subplots(len(rows), 2, squeeze=False)
     for r, (label, before, after) in enumerate(rows):
         for c, (im, head) in enumerate(((before, "before"), (after, "after"))):
@@ -49,7 +49,7 @@ def edit_grid(rows: Sequence[tuple[str, Image.Image, Image.Image]], path: str | 
         axes[r][0].set_ylabel("\n".join(textwrap.wrap(label, 28)), fontsize=8)
     if title:
         fig.suptitle("\n".join(textwrap.wrap(title, 60)), fontsize=9)
-    return _save(fig, path)
+    return _save(fig, path, dpi)
 
 
 def category_data(results: Mapping[str, Mapping]) -> pd.DataFrame:
@@ -99,4 +99,32 @@ def metric_vs_edits(data: pd.DataFrame, path: str | os.PathLike, metric: str = "
     ax.set_xlabel("number of edits")
     ax.set_ylabel(f"{metric} (%)")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def text_space_bars(results: Mapping[str, Mapping], columns: Mapping[str, str], path: str | os.PathLike,
+                    title: str = "") -> Path:
+    """Text-space metrics (``{method: t2iedit.text_space.text_space_metrics}``) as two panels: the
+    success rates (%) per category, one bar per method, and the drifts (1 − cos; the columns named
+    ``*drift``) per method. ``columns``: metric key → display name, in order."""
+    COLUMNS, TS_DISPLAY = tuple(columns), dict(columns)
+    methods = list(results)
+    rates = [c for c in COLUMNS if not c.endswith("drift") and any(r.get(c) is not None for r in results.values())]
+    drifts = [c for c in COLUMNS if c.endswith("drift") and any(r.get(c) is not None for r in results.values())]
+    fig = Figure(figsize=(1.4 * len(rates) + 1.2 * len(drifts) + 3, 3.6))
+    ax_rate, ax_drift = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(len(rates), 1), max(len(drifts), 1)]})
+    width = 0.8 / max(len(methods), 1)
+    for ax, cols in ((ax_rate, rates), (ax_drift, drifts)):
+        for i, m in enumerate(methods):
+            vals = [results[m].get(c) for c in cols]
+            ax.bar([j + i * width for j in range(len(cols))], [v if v is not None else 0.0 for v in vals],
+                   width, label=m)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))],
+                      [TS_DISPLAY[c].replace(" ", "\n", 1) for c in cols], fontsize=8)
+    ax_rate.set_ylabel("% of prompts")
+    ax_rate.set_ylim(0, 100)
+    ax_drift.set_ylabel("mean 1 − cos (frozen vs edited)")
+    ax_rate.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
