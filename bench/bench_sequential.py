@@ -62,7 +62,7 @@ from t2iedit.methods.compare import requests_from_edits  # noqa: E402
 from t2iedit.projector import null_space_projector  # noqa: E402
 from t2iedit.models import (BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, CLIP_BLOCK_TEMPLATE,  # noqa: E402
                             CLIP_FC2_TEMPLATE, TextEncoderAdapter, build_tiny_pipeline, load_text_encoder)
-from t2iedit.values import ValueConfig, compute_target_values_batched  # noqa: E402
+from t2iedit.values import compute_target_values_batched, weighted_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw"
@@ -183,8 +183,9 @@ def run_model(name: str, args, tmp: Path) -> dict:
         ranks[f"ours-P{v:g}"] = {str(l): p.null_rank for l, p in found.items()}
     t_stats = time.perf_counter() - t
     print(f"[{name}] K0 stats: {t_stats:.0f} s, null ranks {ranks}", flush=True)
-    cfg = ValueConfig(alpha=0.11, lambda_visual=0.0, steps=args.steps, lr=0.2, pooling=spec.pooling,
-                      log_every=0)
+    # text-only: the paper reading at λ = 0 (text 1, α 0.11, weight decay 1e-3; METHOD.md §5)
+    cfg = weighted_config("paper", lam=0.0, alpha=0.11, steps=args.steps, lr=0.2, pooling=spec.pooling,
+                          log_every=0)
     t = time.perf_counter()
     values = compute_target_values_batched(tokenizer, model, adapter.block(spec.value_layer), requests, cfg,
                                            batch_size=100, value_layer=spec.value_layer)

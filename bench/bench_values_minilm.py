@@ -43,7 +43,7 @@ from t2iedit.models import BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, TextEncoder
 from t2iedit.ner import dataset_entities
 from t2iedit.projector import null_space_projector
 from t2iedit.prompts import EditRequest
-from t2iedit.values import ValueConfig, compute_target_values_batched
+from t2iedit.values import compute_target_values_batched, weighted_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -156,7 +156,8 @@ def run(n_facts: int = 100, steps: int = 200, alphas: tuple[float, ...] = (0.11,
 
     value_stats = {}
     for alpha in alphas:
-        cfg = ValueConfig(alpha=alpha, lambda_visual=0.0, steps=steps, pooling="mean", log_every=50)
+        # text-only (no UNet here): the paper reading at λ = 0 — text 1, α, weight decay 1e-3 (METHOD.md §5)
+        cfg = weighted_config("paper", lam=0.0, alpha=alpha, steps=steps, pooling="mean", log_every=50)
         t0 = time.perf_counter()
         values = compute_target_values_batched(tokenizer, model, adapter.block(VALUE_LAYER), reqs, cfg,
                                                batch_size, value_layer=VALUE_LAYER)

@@ -86,7 +86,11 @@ SHARE_TERMS = ("text", "eata", "visual", "total")
 
 @dataclass(frozen=True)
 class ValueConfig:
-    """Hyper-parameters of the target-value optimisation (paper defaults)."""
+    """Hyper-parameters of the target-value optimisation.
+
+    ``text_weight``, ``alpha``, ``lambda_visual`` and ``weight_decay`` are the weights the terms get;
+    build them from the paper's α and λ with :func:`weighted_config` (a bare ``ValueConfig(alpha=0.11)``
+    would put the paper's α against the default weighting's text weight 0.01)."""
 
     # the weights each term gets; defaults: the default weighting of the paper's α = 0.11, λ = 0.01
     # (``weighted_config``: emcid → text 0.01, EATA 0.0011, L_V 1, decay 1e-5)
@@ -510,8 +514,8 @@ def ddpm_scheduler_for(pipe):
 def generate_source_latents(pipe, edit_ids: Sequence[str], prompts: Sequence[str], seed: int,
                             images_per_prompt: int = 1, batch_size: int = 8,
                             num_inference_steps: int | None = None,
-                            guidance_scale: float | None = None, height: int | None = None
-                            ) -> torch.Tensor:
+                            guidance_scale: float | None = None, height: int | None = None,
+                            width: int | None = None) -> torch.Tensor:
     """Latents of the images the unedited pipeline generates from each source prompt,
     (n, K, C, H, W) in the UNet's latent space (``output_type="latent"``, already VAE-scaled).
 
@@ -523,8 +527,10 @@ def generate_source_latents(pipe, edit_ids: Sequence[str], prompts: Sequence[str
         kwargs["num_inference_steps"] = num_inference_steps
     if guidance_scale is not None:
         kwargs["guidance_scale"] = guidance_scale
-    if height is not None:
+    if height is not None:  # width None: square (height × height)
         kwargs["height"] = kwargs["width"] = height
+    if width is not None:
+        kwargs["width"] = width
     jobs = [(eid, p, k) for eid, p in zip(edit_ids, prompts, strict=True) for k in range(images_per_prompt)]
     out = []
     for i in range(0, len(jobs), batch_size):
