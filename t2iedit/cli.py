@@ -1,7 +1,7 @@
 """The ``t2iedit`` command line: continual editing of a model with a user's files of facts.
 
     t2iedit validate facts.csv            (no model loaded)
-    t2iedit edit facts.csv [--preset tiny] [--store DIR] [--method ours]
+    t2iedit edit facts.csv [--preset tiny-minilm] [--store DIR] [--method ours]
     t2iedit list [--facts] [--json]
     t2iedit revert EDIT_ID
     t2iedit export OUT_DIR
@@ -10,9 +10,9 @@
 Every command works on a *store* (``--store``, default ``$T2IEDIT_HOME/<preset>``, ``T2IEDIT_HOME``
 defaulting to ``~/.t2iedit``): a :class:`t2iedit.continual.ContinualState` folder holding the base
 model's identity, the applied edit batches (ΔW, keys, facts, manifests) and cached preserved-key
-statistics. The first ``edit`` creates it on ``--preset``; later commands read the preset and model
-source from it and refuse another base model. For the ``tiny`` preset the base pipeline is built once
-into ``<store>/base-model`` from ``--seed``.
+statistics. The first ``edit`` creates it on ``--preset`` (default ``tiny-minilm``); later commands read
+the preset and model source from it and refuse another base model. For an embedded preset
+(``tiny-minilm``, ``tiny``) the base pipeline is built once into ``<store>/base-model`` from ``--seed``.
 
 ``edit`` runs the method end to end on the current edited model: preserved-key statistics of the base
 model over COCO captions (cached), null-space projector, entities (the file's ``entity`` column, else
@@ -32,35 +32,46 @@ import logging
 import re
 
 
-class TorchvisionFallbackFilter(logging.Filter):
-    """Drops transformers' "`XImageProcessor` requires torchvision (not installed); falling back to
-    `XImageProcessorPil`" warning, and nothing else.
+class MessageFilter(logging.Filter):
+    """Drops the records of one logger whose message matches ``pattern`` (from its start), nothing else."""
 
-    transformers 5 logs it once per image-processor class that diffusers' import touches
-    (``_LazyModule.__getattr__`` in transformers/utils/import_utils.py: CLIPImageProcessor and
-    SiglipImageProcessor, on every command, ``--help`` included). The PIL processor it falls back to is
-    the one this project uses (torchvision is not a dependency), so the warning says nothing to a user.
-    """
-
-    PATTERN = re.compile(r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back to "
-                         r"`\w+ImageProcessorPil`")
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not self.PATTERN.match(record.getMessage())
+        return not self.pattern.match(record.getMessage())
 
 
 TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
+DIFFUSERS_PIPELINE_LOGGER = "diffusers.pipelines.pipeline_utils"
+#: Library warnings that say nothing to a user of this CLI, by logger, as precise as their text:
+#: - transformers 5 logs, once per image-processor class that diffusers' import touches
+#:   (``_LazyModule.__getattr__``, transformers/utils/import_utils.py: CLIPImageProcessor and
+#:   SiglipImageProcessor, on every command, ``--help`` included), that it "requires torchvision (not
+#:   installed); falling back to `...Pil`": the PIL processor is the one this project uses.
+#: - diffusers warns that the tiny-minilm pipeline's text encoder is a BertModel where
+#:   StableDiffusionPipeline's annotation says CLIPTextModel (pipeline_utils.py, ``from_pretrained``):
+#:   that is the preset's design (models.build_tiny_minilm_pipeline).
+QUIET_WARNINGS: dict[str, str] = {
+    TRANSFORMERS_IMPORT_LOGGER: r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back "
+                                r"to `\w+ImageProcessorPil`",
+    DIFFUSERS_PIPELINE_LOGGER: r"Expected types for text_encoder: \(<class 'transformers\.models\.clip\."
+                               r"modeling_clip\.CLIPTextModel'>,\), got <class 'transformers\.models\.bert\."
+                               r"modeling_bert\.BertModel'>\.$",
+}
 
 
-def silence_torchvision_fallback() -> None:
-    """Install :class:`TorchvisionFallbackFilter` on the logger that emits it (once; before the
-    diffusers/transformers imports, which log it)."""
-    log = logging.getLogger(TRANSFORMERS_IMPORT_LOGGER)
-    if not any(isinstance(f, TorchvisionFallbackFilter) for f in log.filters):
-        log.addFilter(TorchvisionFallbackFilter())
+def silence_known_warnings() -> None:
+    """Install a :class:`MessageFilter` for each of :data:`QUIET_WARNINGS` (once; before the
+    diffusers/transformers imports, which log the first)."""
+    for name, pattern in QUIET_WARNINGS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, MessageFilter) and f.pattern.pattern == pattern for f in log.filters):
+            log.addFilter(MessageFilter(pattern))
 
 
-silence_torchvision_fallback()  # the CLI's entry module: the imports below emit the warning
+silence_known_warnings()  # the CLI's entry module: the imports below emit the first warning
 
 INTERRUPTED_MESSAGE = "interrupted (Ctrl-C): stopped; the store is as it was before this command"
 
@@ -119,7 +130,7 @@ app = typer.Typer(name="t2iedit", no_args_is_help=True, add_completion=False,
 err = Console(stderr=True)
 out = Console()
 
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "tiny-minilm"  # the pipeline's default: a real pretrained text encoder (MiniLM)
 METHOD_CHOICES = ("ours", "ours-no-projector", "emcid")
 NER_CHOICES = ("auto", "heuristic", "file", "hf", "none")
 EMCID_LAMBDA = 4000.0  # EMCID's λ on C0 (TIMED); METHOD.md §7
@@ -287,6 +298,7 @@ def open_session(store: Optional[Path], preset: Optional[str], source: Optional[
     p = get_preset(preset)
     src, revision = _model_source(folder, preset, source, seed)
     pipe = _load(src, revision, _device(device))
+    pipe.set_progress_bar_config(disable=True)  # the denoising steps: one progress display per command
     adapter = TextEncoderAdapter(pipe.text_encoder, p.text_layer_template, p.text_block_template)
     if state is None:  # in memory until the first batch is written (Session.persist)
         state = ContinualState.in_memory(base_model_of(adapter, preset, p.revision),
@@ -300,6 +312,11 @@ def open_session(store: Optional[Path], preset: Optional[str], source: Optional[
 def progress() -> Iterator[Progress]:
     """The one progress display of every command: a line per stage with its elapsed time, a bar where
     the stage has countable work (the value optimisation counts Adam steps)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()  # their tqdm bars (weights, shards, components,
+    transformers.utils.logging.disable_progress_bar()  # denoising steps) would interleave with this one
     with Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False) as bar:
         yield bar
@@ -429,7 +446,8 @@ def load_facts(file: Path):
 # Commands
 # --------------------------------------------------------------------------------------------------
 StoreOpt = typer.Option(None, "--store", help="store folder (default $T2IEDIT_HOME/<preset>, ~/.t2iedit/<preset>)")
-PresetOpt = typer.Option(None, "--preset", help=f"model preset ({', '.join(PRESETS)}); default tiny, or the store's")
+PresetOpt = typer.Option(None, "--preset",
+                         help=f"model preset ({', '.join(PRESETS)}); default {DEFAULT_PRESET}, or the store's")
 SourceOpt = typer.Option(None, "--source", help="load the base model from this folder / hub id instead of the preset's")
 DeviceOpt = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)")
 
@@ -558,7 +576,7 @@ def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest
                 projectors=None if method != "ours" else stats.projectors, beta=beta, solver=solver,
                 sequential=method != "emcid", templates=cfg.templates, method=method, config=config,
                 name=name or file.stem,
-                extra={"file": str(file.resolve()), "projectors": stats.metrics,
+                extra={"file": str(file.resolve()), "config": config, "projectors": stats.metrics,
                        "value_losses": {k: float(v.mean()) for k, v in values.losses.items()}})
         try:
             with stage(bar, "text-space check"):

@@ -191,22 +191,25 @@ def test_no_torchvision_warning_on_any_command():
     assert "torchvision" not in res.stdout + res.stderr
 
 
-def test_the_torchvision_filter_drops_only_that_warning():
+def test_the_filters_drop_only_those_warnings():
     import logging
 
-    from t2iedit.cli import TRANSFORMERS_IMPORT_LOGGER, TorchvisionFallbackFilter
+    from t2iedit.cli import DIFFUSERS_PIPELINE_LOGGER, QUIET_WARNINGS, TRANSFORMERS_IMPORT_LOGGER, MessageFilter
 
-    f = TorchvisionFallbackFilter()
+    def passes(logger, msg):
+        record = logging.LogRecord(logger, logging.WARNING, __file__, 1, msg, None, None)
+        return all(f.filter(record) for f in logging.getLogger(logger).filters if isinstance(f, MessageFilter))
 
-    def record(msg):
-        return logging.LogRecord(TRANSFORMERS_IMPORT_LOGGER, logging.WARNING, __file__, 1, msg, None, None)
-
-    assert not f.filter(record("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
-                               "`CLIPImageProcessorPil` for backward compatibility. Install torchvision ..."))
-    assert f.filter(record("`CLIPImageProcessor` could not be imported"))
-    assert f.filter(record("torchvision is required for video processing"))
-    assert any(isinstance(x, TorchvisionFallbackFilter)
-               for x in logging.getLogger(TRANSFORMERS_IMPORT_LOGGER).filters)
+    assert set(QUIET_WARNINGS) == {TRANSFORMERS_IMPORT_LOGGER, DIFFUSERS_PIPELINE_LOGGER}
+    assert not passes(TRANSFORMERS_IMPORT_LOGGER, "`CLIPImageProcessor` requires torchvision (not installed); "
+                      "falling back to `CLIPImageProcessorPil` for backward compatibility. Install torchvision ...")
+    assert passes(TRANSFORMERS_IMPORT_LOGGER, "`CLIPImageProcessor` could not be imported")
+    assert passes(TRANSFORMERS_IMPORT_LOGGER, "torchvision is required for video processing")
+    bert = ("Expected types for text_encoder: (<class 'transformers.models.clip.modeling_clip.CLIPTextModel'>,), "
+            "got <class 'transformers.models.bert.modeling_bert.BertModel'>.")
+    assert not passes(DIFFUSERS_PIPELINE_LOGGER, bert)
+    assert passes(DIFFUSERS_PIPELINE_LOGGER, bert.replace("text_encoder", "unet"))
+    assert passes(DIFFUSERS_PIPELINE_LOGGER, bert.replace("BertModel", "T5EncoderModel").replace("bert", "t5"))
 
 
 def test_validate_checks_a_file_without_a_model(files, tmp_path):
@@ -263,7 +266,7 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
     (["--steps", "-3"], "--steps must be at least 1, got -3"),
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
     (["--projector-mode", "bogus"], "--projector-mode must be one of"),
-    (["--layers", "0,99"], "--layers: 99 not in 0..4"),
+    (["--layers", "0,99"], "--layers: 99 not in 0.."),
     (["--layers", "0,x"], "--layers must be comma-separated integers"),
     (["--method", "nope"], "--method must be one of"),
 ])
@@ -348,3 +351,15 @@ def test_an_edit_killed_after_writing_its_batch_is_adopted_by_the_next_command(s
     assert "003-again" in [line.split()[1] for line in text.splitlines() if line[:1].isdigit()]
     result, text = run("revert", "003-again", "--store", copy)
     assert result.exit_code == 0 and "reverted 003-again" in text
+
+
+def test_the_default_preset_is_the_pretrained_minilm(files, tmp_path):
+    """What a new user gets without --preset: tiny-minilm (a real pretrained text encoder), its edit
+    layers (0..3, value layer 3) and pooling (mean)."""
+    result, text = run("edit", files / "facts.csv", "--store", tmp_path / "s", "--steps", "5",
+                       "--corpus-size", "50")
+    assert result.exit_code == 0, text
+    state = ContinualState.open(tmp_path / "s")
+    assert state.settings["preset"] == "tiny-minilm" and state.base.template == "encoder.layer.{}.output.dense"
+    assert state.batches[0].manifest.layers == (0, 1, 2, 3)
+    assert state.batches[0].manifest.extra["config"]["values"]["pooling"] == "mean"
