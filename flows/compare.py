@@ -1,26 +1,33 @@
 """Stage compare: every selected method on the prepared dataset, through the same generation and
 metrics, into one table in the layout of the paper's Tables 2/3 (docs/BASELINES.md).
 
-``python -m flows.compare`` (DVC stage ``compare``) reads params.yaml ``compare``, the locked model
+``python -m flows.compare`` (DVC stage ``compare``) reads params.yaml ``compare`` and the judge of the
+metrics stage (``metrics.clip``, ``metrics.clip_revision``, ``metrics.sigma``), the locked model
 (data/models/lock.json), the outputs of ``prepare_datasets``, ``ner`` (entity spans for EATA),
 ``statistics`` and ``projector`` (C0 and P per layer: every method edits against the main run's
-preserved statistics; ``projector.mode``/``value`` set P); writes data/compare/{edits/<method>/,
-eval/<method>/, images/, table/{table.md, table.parquet, table.png, metrics.json}}.
-Per-dataset settings are params (RoAD: ``dvc exp run -S compare.method_params.emcid.lam=6000.0
--S compare.method_params.refact.layer=7``); each method's edit and evaluation are stamped
-separately, so changing one method's params reruns only that method.
+preserved statistics; ``projector.mode``/``value`` set P), ``metrics`` (the evaluation prompts with the
+thresholds of the headline test, data/eval/metrics/thresholds: shipped, or recomputed for this judge)
+and — reused, never changing a number — ``values``' source latents and ``generate``'s unedited images;
+writes data/compare/{edits/<method>/, eval/<method>/, images/, table/{table.md, table.parquet,
+table.png, metrics.json}}. The table's first row is the paper's Oracle, ``unedited`` ("Oracle
+(unedited)": the unedited model on the test prompts); the threshold test is the headline table.
+Per-dataset settings come from the dataset (``t2iedit.methods.per_dataset.dataset_defaults``: EMCID's λ
+and lr, ReFACT's layer for TIMED/RoAD); ``compare.method_params`` overrides them; each method's edit and
+evaluation are stamped separately, so changing one method's params reruns only that method.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from pydantic import Field, field_validator
 
+from flows.metrics import THRESHOLDS_DIR, MetricsParams, judge_id, judge_source
 from flows.reporting import logger, markdown_artifact
-from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
+from flows.stage import PARAMS_FILE, StageParams, generate_size, load_params, run_stage
 from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.methods.per_dataset import edits_dataset, method_params
 from t2iedit.models import PRESETS
@@ -33,8 +40,10 @@ ENTITIES = Path("data/ner/entities.parquet")
 MOMENTS = Path("data/statistics/moments")      # C0 per layer (statistics stage)
 PROJECTORS = Path("data/projector/layers")     # P per layer (projector stage)
 MODELS_DIR = Path("data/models")
+THRESHOLD_PROMPTS = THRESHOLDS_DIR / "eval_prompts.parquet"  # the metrics stage's headline thresholds
+LATENTS = Path("data/values/latents")   # the main run's source latents (values stage)
+MAIN_IMAGES = Path("data/eval/images")  # the main run's images (generate stage)
 OUT = Path("data/compare")
-TINY_CLIP = OUT / "models" / "tiny-clip"
 LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
        "t2iedit.methods.time_crossattn", "t2iedit.methods.refact", "t2iedit.methods.oracle",
        "t2iedit.methods.compare", "t2iedit.methods.per_dataset", "t2iedit.edit", "t2iedit.keys", "t2iedit.solve", "t2iedit.values",
@@ -50,12 +59,11 @@ class SamplingParams(StageParams):
 
 
 class CompareParams(StageParams):
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))  # unedited: the paper's Oracle row
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     sampling: SamplingParams = SamplingParams()
-    clip: str = "tiny"                     # tiny | a CLIP hub id / folder (paper: open_clip bigG)
-    clip_revision: str | None = None
+    reuse_main: bool = True  # the main run's source latents and unedited images (no number changes)
     batch_size: int = Field(default=8, ge=1)
 
     @field_validator("methods")
@@ -67,11 +75,13 @@ class CompareParams(StageParams):
         return v
 
 
-def sampling_config(p: CompareParams, preset: str) -> dict[str, Any]:
+def sampling_config(p: CompareParams, preset: str, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``size``: (height, width), ``flows.generate.generate_size`` (generate.height/width; None: the preset's)."""
     pre = PRESETS[preset]
+    height, width = size or (pre.resolution, pre.resolution)
     return {"num_inference_steps": p.sampling.num_inference_steps or pre.num_inference_steps,
             "guidance_scale": p.sampling.guidance_scale or pre.guidance_scale,
-            "height": pre.resolution, "width": pre.resolution}
+            "height": height, "width": width}
 
 
 @flow(name="compare")
@@ -85,41 +95,44 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     model = locked_model(MODELS_DIR)
     model_id = {"model": model.identity}
 
-    preset = PRESETS[model.preset]
-    if p.clip == "tiny":
-        from t2iedit.clip_eval import build_tiny_clip
-
-        if not (TINY_CLIP / "config.json").exists():
-            build_tiny_clip(TINY_CLIP, image_size=preset.resolution)
-        clip_source = str(TINY_CLIP)
-    else:
-        clip_source = p.clip
-    sampling = sampling_config(p, model.preset)
-    edits, eval_prompts = DATASETS_DIR / "edits.parquet", DATASETS_DIR / "eval_prompts.parquet"
-    # the baselines' per-dataset settings (EMCID λ/lr, ReFACT's layer; BASELINES.md), method_params over them
+    m = load_params("metrics", MetricsParams, params_file)  # the judge whose thresholds the metrics stage wrote
+    sampling = sampling_config(p, model.preset, generate_size(model, params_file))
+    edits = DATASETS_DIR / "edits.parquet"
+    latents = LATENTS if p.reuse_main else None
+    shared_images = MAIN_IMAGES if p.reuse_main else None
+    # each method's params mapping: the baselines' per-dataset settings (EMCID λ/lr, ReFACT's layer;
+    # t2iedit.methods.per_dataset, BASELINES.md) with compare.method_params over them
     import pyarrow.parquet as pq
 
     dataset = edits_dataset(pq.read_table(edits, columns=["dataset"]).column("dataset").to_pylist())
-    params = {name: method_params(name, dataset, model.preset, p.method_params.get(name)) for name in p.methods}
-    summaries = {}
+    mparams = {name: method_params(name, dataset, model.preset, p.method_params.get(name)) for name in p.methods}
     for name in p.methods:
-        build_config(get_method(name), params[name])  # fails before any model work
-        edit_fp = fingerprint(f"compare/edit/{name}", params[name],
-                              inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
-        art = edit_method(out / "edits" / name, edit_fp, name, params[name],
-                          model, edits, ENTITIES, MOMENTS, PROJECTORS)
-        eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
-                                                       "clip": [p.clip, p.clip_revision]},
-                              inputs=[art, eval_prompts], code=EVAL_LIB, extra=model_id)
-        ev = evaluate_method(out / "eval" / name, eval_fp, name, model, art, eval_prompts, out / "images",
-                             p.seeds, sampling, clip_source, p.clip_revision, p.batch_size)
-        summaries[name] = ev / SUMMARY
-        logger().info("compare: %s done (%s)", name, ev)
-    table_fp = fingerprint("compare/table", {"methods": p.methods}, inputs=list(summaries.values()),
+        build_config(get_method(name), mparams[name])  # fails before any model work
+    summaries = {}
+    with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
+        clip_source = judge_source(m.clip, Path(scratch))
+        for name in p.methods:
+            edit_fp = fingerprint(f"compare/edit/{name}", mparams[name],
+                                  inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
+            art = edit_method(out / "edits" / name, edit_fp, name, mparams[name],
+                              model, edits, ENTITIES, MOMENTS, PROJECTORS, latents)
+            eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
+                                                           "clip": [judge_id(m.clip), m.clip_revision],
+                                                           "sigma": m.sigma},
+                                  inputs=[art, THRESHOLD_PROMPTS], code=EVAL_LIB, extra=model_id)
+            ev = evaluate_method(out / "eval" / name, eval_fp, name, model, art, THRESHOLD_PROMPTS,
+                                 out / "images", p.seeds, sampling, clip_source, m.clip_revision,
+                                 p.batch_size, m.sigma, shared_images)
+            summaries[name] = ev / SUMMARY
+            logger().info("compare: %s done (%s)", name, ev)
+    note = (f"Headline table: the threshold test (the metrics stage's thresholds, {THRESHOLD_PROMPTS}; judge "
+            f"{m.clip}). Second table: the two-class CLIP test. Oracle (unedited) = the unedited model on "
+            "the test prompts.")
+    table_fp = fingerprint("compare/table", {"methods": p.methods, "note": note}, inputs=list(summaries.values()),
                            code=["t2iedit.methods.compare", "t2iedit.metrics", "t2iedit.plots",
                                  "tasks.compare"])
     table = write_table(out / "table", table_fp, summaries,
-                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({model.preset})")
+                        f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({model.preset})", note)
     markdown_artifact("compare-table", (table / TABLE_MD).read_text(encoding="utf-8"),
                       description="methods × categories, mean ± std over seeds")
     return table

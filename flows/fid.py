@@ -12,6 +12,7 @@ data/eval/fid/{images/, batches/, index.parquet, metrics.json (FID, CLIP score),
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +22,8 @@ from pydantic import Field
 from flows.reporting import logger, table_artifact
 from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT
+from flows.stage import generate_size
+from flows.metrics import judge_id, judge_source
 from t2iedit.clip_eval import DEFAULT_CLIP_SCORE_MODEL
 from t2iedit.fid import FID_SUBSET_SIZE, fid_captions
 from t2iedit.storage import read_json
@@ -51,7 +54,9 @@ class FidParams(StageParams):
     n_captions: int = Field(default=FID_SUBSET_SIZE, ge=2)
     coco_images: str | None = None        # folder of COCO_val2014_<id:012d>.jpg
     inception_weights: str | None = None  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth
-    clip_score_model: str = DEFAULT_CLIP_SCORE_MODEL  # hub id or local folder
+    # the CLIP-score judge: hub id, local folder or tiny (the seeded tiny CLIP, offline runs); default the
+    # paper's ViT-bigG-class model (its 0.465 is a plain mean cosine, METHOD.md §8)
+    clip_score_model: str = DEFAULT_CLIP_SCORE_MODEL
     clip_score_revision: str | None = None
     sampling: FidSampling = Field(default_factory=FidSampling)
     batch_size: int = Field(default=8, ge=1)           # prompts per pipeline call
@@ -71,9 +76,9 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     model = locked_model(MODELS_DIR)
     preset = get_preset(model.preset)
     artifact = EDIT_ARTIFACT if p.method == "edited" else None
+    height, width = generate_size(model, params_file)  # generate.height/width (None: the model's own)
     sampling = {"num_inference_steps": p.sampling.num_inference_steps or preset.num_inference_steps,
-                "guidance_scale": p.sampling.guidance_scale, "height": preset.resolution,
-                "width": preset.resolution}
+                "guidance_scale": p.sampling.guidance_scale, "height": height, "width": width}
     fp = fingerprint("fid/generate", p.model_dump(mode="json", include=GENERATE_KEYS),
                      inputs=[MODELS_DIR / LOCK_FILE, COCO_CSV, *([artifact] if artifact else [])],
                      code=GENERATE_CODE)
@@ -85,21 +90,24 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     # forward failed here with "Tensor on device meta" (2026-11, before d459d1e's import fix; not
     # re-checked since). Each batch is still its own stamped task run, so a killed run resumes.
     done = [generate_batch(out_b, item_fingerprint(fp, chunk), model.preset, model.source,
-                           model.revision, artifact, chunk, IMAGES, mh, sampling, p.batch_size)
+                           model.revision, artifact, chunk, IMAGES, mh, sampling, p.batch_size,
+                           model.dtype)
             for out_b, chunk in zip(outs_b, chunks)]
     index = merge_index(INDEX, fp, done)
     prune(BATCHES, keep=done)
     log.info("fid: %d caption images in %d batches (model %s)", len(items), len(chunks), mh[:16])
 
     fp = fingerprint("fid/score", p, inputs=[MODELS_DIR / LOCK_FILE, COCO_CSV, index, weights],
-                     code=SCORE_CODE, extra={"real": references_sha256(real), "generated": fp})
-    out = score_fid(FID_DIR / METRICS_JSON, fp, COCO_CSV, p.n_captions, index, IMAGES, p.coco_images,
-                    str(weights), p.clip_score_model, p.clip_score_revision, preset.resolution,
-                    p.feature_batch_size)
+                     code=SCORE_CODE, extra={"real": references_sha256(real), "generated": fp,
+                                             "judge": judge_id(p.clip_score_model)})
+    with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
+        out = score_fid(FID_DIR / METRICS_JSON, fp, COCO_CSV, p.n_captions, index, IMAGES, p.coco_images,
+                        str(weights), judge_source(p.clip_score_model, Path(scratch)),
+                        p.clip_score_revision, min(height, width), p.feature_batch_size)
     result = read_json(out)
     table_artifact("fid", [result], description="FID-5K and CLIP score")
-    log.info("FID %.3f, CLIP score %.3f over %d captions", result["fid"], result["clip_score"],
-             result["n_captions"])
+    log.info("FID %.3f, CLIP score %.4f (%s, %s) over %d captions", result["fid"], result["clip_score"],
+             result["clip_score_unit"], p.clip_score_model, result["n_captions"])
     return out
 
 

@@ -3,7 +3,8 @@
 ``python -m flows.generate`` (DVC stage ``generate``) reads params.yaml ``generate``, the model that
 prepare_model locked (data/models/lock.json), data/processed/datasets/eval_prompts.parquet and, for
 the ``edited`` method, the edit stage's artifact folder data/edit/artifact (an ``EditArtifact``). Methods: ``edited`` (edit applied,
-evaluation prompts), ``unedited`` (evaluation prompts) and ``oracle`` (unedited, oracle prompts).
+evaluation prompts), ``unedited`` (evaluation prompts), ``oracle`` (unedited, oracle prompts) and
+``reference`` (unedited, each prompt's eval_text at seeds 0..``reference_images``−1: CAKE's threshold images).
 Writes content-addressed PNGs under data/eval/images/ (persist: an image is never generated twice;
 images no index of the finished run lists are pruned, so the folder depends only on this run),
 one index per batch under data/eval/batches/ (mapped tasks: a killed run keeps finished batches) and
@@ -22,6 +23,7 @@ from flows.reporting import logger
 from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from t2iedit.storage import read_parquet
 from t2iedit.models import get_preset
+from t2iedit.protocol import CAKE_REFERENCE_IMAGES, PROMPT_COLUMN, generation_items
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
 from tasks.evaluate import generate_batch, images_key, merge_index, prune_images
@@ -32,10 +34,10 @@ EDIT_ARTIFACT = Path("data/edit/artifact")
 MODELS_DIR = Path("data/models")  # prepare_model's lock (+ the tiny preset's weights)
 OUT = Path("data/eval")
 IMAGES, BATCHES, INDEX_DIR = OUT / "images", OUT / "batches", OUT / "index"
-CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.storage", "tasks.evaluate", "tasks.model"]
-PROMPT_COLUMN = {"edited": "prompt", "unedited": "prompt", "oracle": "oracle_prompt"}
-
-Method = Literal["edited", "unedited", "oracle"]
+CODE = ["t2iedit.generate", "t2iedit.models", "t2iedit.edit", "t2iedit.storage", "t2iedit.protocol", "tasks.evaluate",
+        "tasks.model"]
+# reference: the unedited model on each prompt's eval_text, CAKE's threshold images (t2iedit.protocol)
+Method = Literal["edited", "unedited", "oracle", "reference"]
 
 
 class GenerateParams(StageParams):
@@ -45,6 +47,7 @@ class GenerateParams(StageParams):
     guidance_scale: float = 7.5
     batch_size: int = Field(default=8, ge=1)        # prompts per pipeline call
     task_batches: int = Field(default=64, ge=1)     # images per mapped task (unit of resumption)
+    reference_images: int = Field(default=CAKE_REFERENCE_IMAGES, ge=2)  # per eval text, seeds 0..n-1 (CAKE: 50)
 
 
 def sampling_for(preset: str, p: GenerateParams) -> dict:
@@ -67,9 +70,7 @@ def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
         inputs = [EVAL_PROMPTS, *([artifact] if artifact else [])]
         fp = fingerprint(f"generate/{method}", p, inputs=[MODELS_DIR / LOCK_FILE, *inputs], code=CODE)
         mh = images_key(model, artifact)
-        col = PROMPT_COLUMN[method]
-        texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
-        items = list(dict.fromkeys((t, s) for t in texts for s in p.seeds))
+        items = generation_items(ep, method, p.seeds, p.reference_images)
         chunks = [items[i:i + p.task_batches] for i in range(0, len(items), p.task_batches)]
         outs_b = [BATCHES / method / f"{i:05d}.parquet" for i in range(len(chunks))]
         futures = generate_batch.map(

@@ -7,9 +7,10 @@ classifier is built, seeded, in a temporary folder. Each method's images are sco
 of prompts (``metrics.task_batches`` images each, fanned out by the ``runner``; stamped under
 data/eval/metrics_batches/, so a killed run resumes) and merged. Writes data/eval/metrics/thresholds/
 (the evaluation prompts with the adaptive thresholds used: ``metrics.thresholds`` shipped, or recomputed
-from the oracle images scored under thresholds/reference/), data/eval/metrics/<method>/
-{per_image.parquet, summary.json}, text_space.json and summary/{metrics.json (dvc metrics), table.md
-(paper layout), categories.csv}.
+by CAKE's recipe from the ``reference`` images of each evaluation text, scored under thresholds/reference/),
+data/eval/metrics/<method>/{per_image.parquet, summary.json} (every generate method but ``reference``),
+text_space.json and summary/{metrics.json (dvc metrics), table.md (paper layout: the threshold test is the
+headline table, the two-class test the second; ``unedited`` is the row "Oracle (unedited)"), categories.csv}.
 """
 
 from __future__ import annotations
@@ -28,60 +29,75 @@ from flows.generate import (EDIT_ARTIFACT, EVAL_PROMPTS, IMAGES, INDEX_DIR, MODE
 from t2iedit.storage import read_parquet
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
-from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, merge_scores, retest_scores,
-                            score_batch, text_space, threshold_prompts, write_metrics)
+from t2iedit.metrics import CAKE_DDOF
+from t2iedit.protocol import method_seeds
+from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, merge_scores, score_batch, text_space,
+                            threshold_prompts, write_metrics)
 from tasks.model import LOCK_FILE, locked_model
 
 METRICS_DIR = OUT / "metrics"
 THRESHOLDS_DIR = METRICS_DIR / "thresholds"
 BATCHES = OUT / "metrics_batches"  # scored prompt batches (DVC persist: a killed run resumes)
 TINY_CLIP_SEED = 0
-CODE = ["t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.plots", "tasks.evaluate"]
+CODE = ["t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.plots", "t2iedit.protocol",
+        "tasks.evaluate"]
 
 
 class MetricsParams(StageParams):
     clip: str = "tiny"          # tiny | CLIP hub id or folder (paper: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)
     clip_revision: str | None = None
     sigma: str = Field(default="2sigma", pattern="^(mean|1sigma|2sigma|3sigma)$")  # CAKE criterion
-    # shipped: the dataset's thresholds (CAKE's, for SD-1.4 + EVA-CLIP bigG: the paper protocol);
-    # recompute: from this classifier's scores of the unedited model's oracle images over generate.seeds
+    # shipped: the dataset's thresholds (CAKE's, for SD-1.4 + ViT-bigG: the paper protocol); recompute: CAKE's
+    # recipe with this model and classifier (the `reference` images: generate.reference_images per eval text)
     thresholds: Literal["shipped", "recompute"] = "shipped"
+    threshold_ddof: int = Field(default=CAKE_DDOF, ge=0, le=1)  # std of recompute (CAKE's code: 1)
     batch_size: int = Field(default=32, ge=1)      # images per classifier forward
     task_batches: int = Field(default=256, ge=1)   # images per mapped scoring task (unit of resumption)
     title: str = "Evaluation"
 
 
-def clip_source(p: MetricsParams, scratch: Path) -> str:
-    """The classifier: ``metrics.clip``, or for ``tiny`` the seeded tiny CLIP built under ``scratch``
-    (bit-identical every time; never a stage output, so no other stage's output changes)."""
-    if p.clip != "tiny":
-        return p.clip
+def judge_source(name: str, scratch: Path) -> str:
+    """A CLIP judge: a hub id / folder as given, or for ``tiny`` the seeded tiny CLIP built under
+    ``scratch`` (bit-identical every time; never a stage output, so no other stage's output changes)."""
+    if name != "tiny":
+        return name
     from t2iedit.clip_eval import build_tiny_clip
 
     return str(build_tiny_clip(scratch / "tiny-clip", seed=TINY_CLIP_SEED))
+
+
+def judge_id(name: str) -> str:
+    """What a judge is fingerprinted by (``tiny`` names its seed)."""
+    return name if name != "tiny" else f"tiny-seed{TINY_CLIP_SEED}"
+
+
+def clip_source(p: MetricsParams, scratch: Path) -> str:
+    """The classifier of ``metrics.clip`` (:func:`judge_source`)."""
+    return judge_source(p.clip, scratch)
 
 
 @flow(name="metrics")
 def metrics(params_file: str = PARAMS_FILE) -> Path:
     g = load_params("generate", GenerateParams, params_file)
     p = load_params("metrics", MetricsParams, params_file)
-    if p.thresholds == "recompute" and ("oracle" not in g.methods or len(g.seeds) < 2):
-        raise ValueError("metrics.thresholds: recompute needs 'oracle' in generate.methods (the unedited "
-                         "model's oracle images are the reference) and at least 2 generate.seeds, got "
-                         f"methods {g.methods}, seeds {g.seeds}")
-    extra = {"clip": p.clip if p.clip != "tiny" else f"tiny-seed{TINY_CLIP_SEED}"}
-    score = p.model_dump(exclude={"title", "thresholds", "task_batches"})
+    if p.thresholds == "recompute" and "reference" not in g.methods:
+        raise ValueError("metrics.thresholds: recompute needs 'reference' in generate.methods (CAKE's recipe: "
+                         "the unedited model's images of each evaluation text, generate.reference_images per "
+                         f"text, are the reference), got methods {g.methods}")
+    extra = {"clip": judge_id(p.clip)}
+    score = p.model_dump(exclude={"title", "thresholds", "threshold_ddof", "task_batches"})
     with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
         clip = clip_source(p, Path(scratch))
 
-        ids = read_parquet(EVAL_PROMPTS).column("prompt_id").to_pylist()
-        per_task = max(1, p.task_batches // max(1, len(g.seeds)))  # prompts per mapped task
-        chunks = [ids[i:i + per_task] for i in range(0, len(ids), per_task)]
+        ep = read_parquet(EVAL_PROMPTS).to_pandas()
         batch_files: list[Path] = []
 
         def scored(out: Path, method: str, prompts: Path) -> Path:
             """Score the method's images in mapped batches of prompts (each stamped: a killed run
             resumes), then merge them into ``out``."""
+            ids = (ep["prompt_id"] if method != "reference" else ep.loc[ep["eval_text"].notna(), "prompt_id"]).tolist()
+            per_task = max(1, p.task_batches // len(method_seeds(method, g.seeds, g.reference_images)))
+            chunks = [ids[i:i + per_task] for i in range(0, len(ids), per_task)]
             index = INDEX_DIR / f"{method}.parquet"
             fp = fingerprint(f"metrics/{method}", score, inputs=[prompts, index], code=CODE, extra=extra)
             outs = [BATCHES / out.relative_to(METRICS_DIR) / f"{i:05d}.parquet" for i in range(len(chunks))]
@@ -94,20 +110,15 @@ def metrics(params_file: str = PARAMS_FILE) -> Path:
             batch_files.extend(done)
             return merge_scores(out, fingerprint(f"metrics/{method}/merge", inputs=done, code=CODE), done)
 
-        reference = scored(THRESHOLDS_DIR / "reference", "oracle", EVAL_PROMPTS) / PER_IMAGE \
+        # CAKE's reference: the unedited model's images of each eval text, scored against that text
+        reference = scored(THRESHOLDS_DIR / "reference", "reference", EVAL_PROMPTS) / PER_IMAGE \
             if p.thresholds == "recompute" else None
-        fp = fingerprint("metrics/thresholds", {"thresholds": p.thresholds},
+        fp = fingerprint("metrics/thresholds", {"thresholds": p.thresholds, "ddof": p.threshold_ddof},
                          inputs=[EVAL_PROMPTS, *([reference] if reference else [])], code=CODE)
-        prompts = threshold_prompts(THRESHOLDS_DIR, fp, EVAL_PROMPTS, p.thresholds, reference) / THRESHOLD_PROMPTS
-        summaries = {}
-        for method in g.methods:
-            if method == "oracle" and reference is not None:
-                # the oracle images are the reference: their scores are re-tested, not computed twice
-                fp = fingerprint("metrics/oracle/retest", {"sigma": p.sigma}, inputs=[reference, prompts],
-                                 code=CODE)
-                summaries[method] = retest_scores(METRICS_DIR / method, fp, reference, prompts, p.sigma)
-            else:
-                summaries[method] = scored(METRICS_DIR / method, method, prompts)
+        prompts = threshold_prompts(THRESHOLDS_DIR, fp, EVAL_PROMPTS, p.thresholds, reference,
+                                    p.threshold_ddof) / THRESHOLD_PROMPTS
+        summaries = {method: scored(METRICS_DIR / method, method, prompts)
+                     for method in g.methods if method != "reference"}  # reference: not a table row
         prune(BATCHES, keep=batch_files)
     text = None
     if "edited" in g.methods:
@@ -116,18 +127,26 @@ def metrics(params_file: str = PARAMS_FILE) -> Path:
                          code=["t2iedit.metrics", "t2iedit.edit", "tasks.evaluate"])
         text = text_space(METRICS_DIR / "text_space.json", fp, model.preset, model.source,
                           model.revision, EDIT_ARTIFACT, EVAL_PROMPTS)
-    criterion = "the mean" if p.sigma == "mean" else f"mean − {p.sigma[0]}σ"
-    note = ("Threshold test: the dataset's shipped thresholds "
-            f"({criterion} of CAKE's SD-1.4 / EVA-CLIP scores)." if p.thresholds == "shipped" else
-            f"Threshold test: thresholds recomputed for this model and classifier ({criterion} over "
-            f"the unedited model's oracle images of seeds {g.seeds}).")
-    fp = fingerprint("metrics/summary", {"title": p.title, "note": note},
+    fp = fingerprint("metrics/summary", {"title": p.title, "note": (note := threshold_note(p, g))},
                      inputs=[*(s / "summary.json" for s in summaries.values()), *([text] if text else [])],
                      code=CODE)
     out = write_metrics(METRICS_DIR / "summary", fp, summaries, text, p.title, note)
     markdown_artifact("eval-metrics", (out / TABLE_MD).read_text(encoding="utf-8"))
     logger().info("metrics in %s", out)
     return out
+
+
+def threshold_note(p: MetricsParams, g: GenerateParams) -> str:
+    """Which thresholds the headline (threshold) test used, in words (the table's note)."""
+    criterion = "the mean" if p.sigma == "mean" else f"mean − {p.sigma[0]}σ"
+    std = "population std" if p.threshold_ddof == 0 else "sample std, ddof=1"
+    if p.thresholds == "shipped":
+        return (f"Headline table: the threshold test with the dataset's shipped thresholds ({criterion} of "
+                "CAKE's SD-1.4 / ViT-bigG scores over 50 images of each evaluation text). Second table: the "
+                "two-class CLIP test.")
+    return (f"Headline table: the threshold test with thresholds recomputed for this model and classifier by "
+            f"CAKE's recipe ({criterion}, {std}, over the unedited model's {g.reference_images} images of "
+            "each evaluation text). Second table: the two-class CLIP test.")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 The paper's classifier is open_clip's ViT-bigG-14 (laion2b_s39b_b160k); its transformers port on the
 hub is ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`` (:data:`DEFAULT_CLASSIFIER`). The CLIP score of
-the image-quality table uses OpenAI's ViT-L/14 (:data:`DEFAULT_CLIP_SCORE_MODEL`).
+the image-quality table is a plain mean cosine of a ViT-bigG-class judge (the paper's 0.465; ViT-L/14
+cosines on SD-1.4 COCO images are ~0.26–0.31, METHOD.md §8), so :data:`DEFAULT_CLIP_SCORE_MODEL` is
+the same bigG port.
 
 Preprocessing is done here, not by ``CLIPProcessor`` (whose default backend needs torchvision): the
 open_clip / OpenAI recipe — resize the shorter side to the model's input size with bicubic
@@ -25,7 +27,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLASSIFIER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
-DEFAULT_CLIP_SCORE_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_CLIP_SCORE_MODEL = DEFAULT_CLASSIFIER
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -1,4 +1,4 @@
-"""Image quality: FID-5K on COCO val2014 and the CLIP score (METHOD.md §8).
+"""Image quality: FID-5K on COCO val2014 and the CLIP score (METHOD.md §8; a plain mean cosine).
 
 FID features come from the FID variant of InceptionV3 (the TensorFlow 2015-12-05 graph, pool3,
 2048-d). Every maintained PyTorch port (pytorch-fid, torch-fidelity, clean-fid) depends on
@@ -157,11 +157,16 @@ def extract_features(extractor: Callable[[torch.Tensor], torch.Tensor],
 
 # --- CLIP score ----------------------------------------------------------------------------------
 
+CLIP_SCORE_UNIT = "mean cosine similarity (not 100·cos)"
+
+
 def clip_score(encoder, images: Sequence[Image.Image], captions: Sequence[str],
                batch_size: int = 32) -> dict[str, float]:
-    """CLIP score (Hessel et al. 2021; torchmetrics' definition): mean over captions of
-    ``max(100 · cos(image, caption), 0)``; also the plain mean cosine. ``encoder`` is a
-    :class:`t2iedit.clip_eval.ClipEncoder` (ViT-L/14 by default)."""
+    """The paper's CLIP score: the plain mean over captions of ``cos(image, caption)``
+    (:data:`CLIP_SCORE_UNIT`; the paper's 0.465 is such a mean cosine of a ViT-bigG-class judge,
+    METHOD.md §8). Also Hessel et al.'s ``max(100 · cos, 0)`` mean as ``clip_score_hessel`` (the
+    torchmetrics convention; not what the paper reports). ``encoder`` is a
+    :class:`t2iedit.clip_eval.ClipEncoder`."""
     if len(images) != len(captions) or not images:
         raise ValueError(f"{len(images)} images for {len(captions)} captions")
     cos = []
@@ -170,7 +175,7 @@ def clip_score(encoder, images: Sequence[Image.Image], captions: Sequence[str],
         txt = encoder.encode_texts(list(captions[i:i + batch_size]))
         cos.append((img * txt).sum(-1).double())
     c = torch.cat(cos)
-    return {"clip_score": float((100.0 * c).clamp_min(0).mean()), "clip_cosine": float(c.mean()),
+    return {"clip_score": float(c.mean()), "clip_score_hessel": float((100.0 * c).clamp_min(0).mean()),
             "n": int(c.numel())}
 
 

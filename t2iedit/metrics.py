@@ -1,12 +1,16 @@
-"""Editing metrics (METHOD.md §8): CLIP zero-shot binary test, CAKE adaptive thresholds, summaries.
+"""Editing metrics (METHOD.md §8): CAKE adaptive thresholds, CLIP zero-shot binary test, summaries.
 
 Two image tests, both on L2-normalised CLIP features (see :mod:`t2iedit.clip_eval`):
 
-- Binary test (TIME / ReFACT / EMCID): ``softmax(100 · [cos(img, original), cos(img, edited)])`` over
-  the two lower-cased class texts. Efficacy, generality (and CAKE's KgeMap / Compo) succeed iff the
-  edited class wins; specificity succeeds iff the original class wins.
-- Adaptive threshold (CAKE, Gu et al. 2024): success iff ``cos(img, eval_text) >= mean − kσ`` of the
-  unedited model's scores over N seeds (k = 2 by default; σ with ddof=1).
+- Adaptive threshold (CAKE, Gu et al. 2024) — the **headline** test for all three datasets (the
+  paper's Tables 2–3 follow Gu et al.: TIME Efficacy 0.00, Oracle Specificity 94.65 / 96.36 are what
+  the thresholds give): success iff ``cos(img, eval_text) >= mean − kσ`` of the unedited model's
+  scores of images *of the evaluation text itself* (CAKE: 50 images per text, seeds 0..49; k = 2).
+  σ: ``np.std(ddof=1)`` as CAKE's code (init_Bootstrap_evaluation.py:97-107 ``wrap_stats``), a
+  parameter (``ddof``).
+- Binary test (TIME / ReFACT / EMCID) — the second table: ``softmax(100 · [cos(img, original),
+  cos(img, edited)])`` over the two lower-cased class texts. Efficacy, generality (and CAKE's KgeMap /
+  Compo) succeed iff the edited class wins; specificity succeeds iff the original class wins.
 
 A metric is the success rate in percent per (category, seed); it is reported as mean ± std over seeds
 (sample std, ddof=1; 0 for one seed). Score = geometric mean of the category means (this reproduces
@@ -40,7 +44,18 @@ DISPLAY = {"efficacy": "Efficacy", "generality": "Generality", "kgemap": "KgeMap
 # Which class must win the binary test, per category.
 EDITED_MUST_WIN = {"efficacy": True, "generality": True, "kgemap": True, "compo": True,
                    "specificity": False}
-TESTS = ("binary", "threshold")
+TESTS = ("threshold", "binary")  # headline first (the paper's tables use the threshold test)
+HEADLINE_TEST = "threshold"
+TEST_TITLES = {
+    "threshold": "Headline: CAKE adaptive-threshold test (Gu et al.; the paper's Tables 2–3)",
+    "binary": "Second table: two-class CLIP test (ReFACT / TIME / EMCID)",
+}
+# Rows of the paper-layout tables: the paper's Oracle is the unedited model on the *test* prompts
+# (METHOD.md §7: CAKE Efficacy 0, RoAD 3.56, TIMED 25); the oracle-prompt images are another row.
+ROW_LABELS = {"unedited": "Oracle (unedited)", "oracle": "Oracle prompts (unedited model)"}
+# CAKE's threshold std (Hengrui-Gu/T2IKnowledgeEditing init_Bootstrap_evaluation.py:102-107:
+# ``data.std(ddof=1)``); its reference images: t2iedit.protocol (50 per evaluation text).
+CAKE_DDOF = 1
 SIGMA_KEYS = ("1sigma", "2sigma", "3sigma")
 
 PER_IMAGE_SCHEMA = pa.schema([
@@ -105,13 +120,16 @@ def threshold_success(scores: Sequence[float], thresholds: Sequence[float]) -> n
     return s >= t
 
 
-def threshold_stats(scores: Sequence[float]) -> dict[str, float]:
+def threshold_stats(scores: Sequence[float], ddof: int = CAKE_DDOF) -> dict[str, float]:
     """CAKE's statistics of one prompt's scores over seeds: mean, ``k sigma`` = mean − k·std and
-    ``+k sigma`` = mean + k·std for k = 1, 2, 3 (std with ddof=1, as in the shipped files)."""
+    ``+k sigma`` = mean + k·std for k = 1, 2, 3 (``wrap_stats``, init_Bootstrap_evaluation.py:97-107:
+    std with ddof=1; ``ddof=0`` is the population std)."""
+    if ddof not in (0, 1):
+        raise ValueError(f"ddof must be 0 (population std) or 1 (sample std), got {ddof!r}")
     s = np.asarray(scores, dtype=np.float64)
     if s.size < 2:
         raise ValueError(f"need at least 2 scores for a standard deviation, got {s.size}")
-    mean, std = float(s.mean()), float(s.std(ddof=1))
+    mean, std = float(s.mean()), float(s.std(ddof=ddof))
     out = {"mean": mean}
     for k in (1, 2, 3):
         out[f"{k}sigma"] = mean - k * std
@@ -120,32 +138,33 @@ def threshold_stats(scores: Sequence[float]) -> dict[str, float]:
 
 
 def compute_thresholds(scores: pd.DataFrame, tag_column: str = "tag",
-                       prompt_column: str = "prompt",
-                       score_column: str = "score") -> dict[str, dict[str, dict[str, float]]]:
+                       prompt_column: str = "prompt", score_column: str = "score",
+                       ddof: int = CAKE_DDOF) -> dict[str, dict[str, dict[str, float]]]:
     """Recompute adaptive thresholds for another model: ``scores`` holds one row per (tag, prompt,
     seed) with the unedited model's ``cos(image, eval text)``. Returns the shipped file's layout
     ``{tag: {prompt: {mean, 1sigma, ...}}}``."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for (tag, prompt), group in scores.groupby([tag_column, prompt_column], sort=True):
-        out.setdefault(str(tag), {})[str(prompt)] = threshold_stats(group[score_column].to_numpy())
+        out.setdefault(str(tag), {})[str(prompt)] = threshold_stats(group[score_column].to_numpy(), ddof)
     return out
 
 
-def thresholds_from_oracle(rows: pd.DataFrame) -> pd.DataFrame:
-    """Adaptive thresholds of another base model, in the ``eval_prompts`` columns.
+def thresholds_from_reference(rows: pd.DataFrame, ddof: int = CAKE_DDOF) -> pd.DataFrame:
+    """Adaptive thresholds of another base model or classifier, in the ``eval_prompts`` columns.
 
-    ``rows``: per-image rows of the *unedited* model prompted with each prompt's oracle prompt
-    (``evaluate_images(..., prompt_column="oracle_prompt")``) over N seeds (CAKE: 50), with their
-    ``eval_score`` = cos(image, eval text). Returns one row per ``prompt_id`` with
-    ``threshold_mean`` and ``threshold_{1,2,3}sigma`` (mean − kσ, ddof=1).
+    ``rows``: per-image rows of the *unedited* model's images of each prompt's evaluation text
+    (CAKE's recipe: ``evaluate_images(..., prompt_column="eval_text")`` over N reference seeds,
+    CAKE: 50), with their ``eval_score`` = cos(image, eval text). Returns one row per ``prompt_id``
+    with ``n_images``, ``threshold_mean`` and ``threshold_{1,2,3}sigma`` (mean − kσ, std with
+    ``ddof``).
     """
     rows = rows[rows["eval_score"].notna()]
     if rows.empty:
         raise ValueError("no eval scores to compute thresholds from")
     out = []
     for pid, group in rows.groupby("prompt_id", sort=True):
-        st = threshold_stats(group["eval_score"].astype(float).to_numpy())
-        out.append({"prompt_id": pid, "n_seeds": len(group),
+        st = threshold_stats(group["eval_score"].astype(float).to_numpy(), ddof)
+        out.append({"prompt_id": pid, "n_images": len(group),
                     **{f"threshold_{k}": st[k] for k in ("mean", *SIGMA_KEYS)}})
     return pd.DataFrame(out)
 
@@ -230,13 +249,21 @@ def summarize(rows: pd.DataFrame, success_column: str) -> dict:
     return out
 
 
+def paper_rows(methods: Iterable[str]) -> list[str]:
+    """Row order of the paper's tables: the Oracle (``unedited``) first, then the others as given."""
+    methods = list(methods)
+    return [m for m in methods if m == "unedited"] + [m for m in methods if m != "unedited"]
+
+
 def markdown_table(results: Mapping[str, Mapping], title: str | None = None,
-                   digits: int = 2) -> str:
+                   digits: int = 2, labels: Mapping[str, str] | None = None) -> str:
     """Rows = methods, columns = categories present (paper order) + Score, cells ``mean ± std``;
     the best mean of each column is bold (layout of the paper's Tables 2 and 3).
 
-    ``results``: ``{method: summarize(...)}``.
+    ``results``: ``{method: summarize(...)}``, rows in its order (see :func:`paper_rows`);
+    ``labels``: a row's display name by method (e.g. :data:`ROW_LABELS`), else the method name.
     """
+    labels = labels or {}
     if not results:
         raise ValueError("no results to tabulate")
     present = set().union(*(r["categories"] for r in results.values()))
@@ -259,7 +286,7 @@ def markdown_table(results: Mapping[str, Mapping], title: str | None = None,
             mean, text = cell(r, c)
             bold = len(results) > 1 and mean is not None and math.isclose(mean, best[c])
             cells.append(f"**{text}**" if bold else text)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(method, method)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -132,40 +132,27 @@ def merge_scores(out: Path, fingerprint: str, batches: list[Path]) -> Path:
         folder, pa.concat_tables([read_parquet(b, M.PER_IMAGE_SCHEMA) for b in batches])))
 
 
-@task(cache_policy=STAMP_CACHE)
-def retest_scores(out: Path, fingerprint: str, scored: Path, eval_prompts: Path, sigma: str) -> Path:
-    """``out``/per_image.parquet and summary.json of images already scored by this classifier under
-    other thresholds (``scored``: their per_image.parquet), re-tested against ``eval_prompts``'
-    thresholds without running the classifier again."""
-    def produce(folder: Path) -> None:
-        rows = M.retest_thresholds(read_parquet(scored).to_pandas(),
-                                   read_parquet(eval_prompts).to_pandas(), sigma)
-        write_scores(folder, M.per_image_table(rows))
-
-    return run_once(out, fingerprint, produce)
-
-
 THRESHOLD_PROMPTS, THRESHOLDS_JSON = "eval_prompts.parquet", "thresholds.json"
 
 
 @task(cache_policy=STAMP_CACHE)
 def threshold_prompts(out: Path, fingerprint: str, eval_prompts: Path, mode: str,
-                      reference: Path | None = None) -> Path:
+                      reference: Path | None = None, ddof: int = M.CAKE_DDOF) -> Path:
     """``out``/eval_prompts.parquet: the evaluation prompts with the adaptive thresholds the threshold
     test uses, and ``out``/thresholds.json (which ones, over how many images).
 
     ``shipped``: the dataset's (CAKE's, computed for SD-1.4 with EVA-CLIP bigG: valid only for that
-    model and classifier). ``recompute``: mean − kσ of this classifier's scores of the unedited
-    model's oracle-prompt images, one threshold per prompt over the evaluation seeds
-    (``reference``: their per_image.parquet; ``metrics.thresholds_from_oracle``)."""
+    model and classifier). ``recompute``: CAKE's recipe — mean − kσ (std with ``ddof``) of this
+    classifier's scores of the unedited model's images of each prompt's evaluation text
+    (``reference``: their per_image.parquet; ``metrics.thresholds_from_reference``)."""
     def produce(folder: Path) -> None:
         table = read_parquet(eval_prompts)
         ep = table.to_pandas()
         info: dict[str, Any] = {"mode": mode}
         if mode == "recompute":
-            th = M.thresholds_from_oracle(read_parquet(reference).to_pandas())
+            th = M.thresholds_from_reference(read_parquet(reference).to_pandas(), ddof)
             ep = M.with_thresholds(ep, th)
-            info.update(n_prompts=len(th), n_seeds=sorted({int(n) for n in th["n_seeds"]}),
+            info.update(n_prompts=len(th), n_images=sorted({int(n) for n in th["n_images"]}), ddof=ddof,
                         mean_threshold_2sigma=float(th["threshold_2sigma"].mean()))
         elif mode != "shipped":
             raise ValueError(f"metrics.thresholds must be shipped or recompute, got {mode!r}")
@@ -205,7 +192,8 @@ def text_space(out: Path, fingerprint: str, preset: str, source: str, revision: 
 def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_space: Path | None,
                   title: str, note: str | None = None) -> Path:
     """``out``/metrics.json (for ``dvc metrics``: per method and test, category means and Score),
-    table.md (paper layout, one table per test) and categories.csv (for ``dvc plots``)."""
+    table.md (paper layout, one table per test: the threshold test first — the headline — then the
+    two-class test; the ``unedited`` row first, labelled "Oracle (unedited)") and categories.csv."""
     def produce(folder: Path) -> None:
         results = {m: read_json(p / SUMMARY) for m, p in summaries.items()}
         metrics: dict[str, Any] = {
@@ -218,9 +206,9 @@ def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_
         md = [f"# {title}", "", *([note, ""] if note else [])]
         frames = []
         for test in M.TESTS:
-            sub = {m: r[test] for m, r in results.items() if test in r}
+            sub = {m: results[m][test] for m in M.paper_rows(results) if test in results[m]}
             if sub:
-                md.append(M.markdown_table(sub, title=f"{test} test"))
+                md.append(M.markdown_table(sub, title=M.TEST_TITLES[test], labels=M.ROW_LABELS))
                 frames.append(plots.category_data(sub).assign(test=test))
         write_text(folder / TABLE_MD, "\n".join(md))
         data = pd.concat(frames, ignore_index=True)
@@ -235,12 +223,12 @@ def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_
 @task(cache_policy=STAMP_CACHE)
 def write_report(out: Path, fingerprint: str, metrics_dir: Path, per_image: dict[str, Path],
                  eval_prompts: Path, image_root: Path, n_grids: int, title: str) -> Path:
-    """``out``/categories.png (bars per method, binary test else threshold test),
+    """``out``/categories.png (bars per method, the headline threshold test, else the binary test),
     grids/<edit_id>.png (source prompt and a specificity prompt, unedited (before) vs edited (after))
     and report.md: the title, ``metrics_dir``'s table.md and the pictures (relative links)."""
     def produce(folder: Path) -> None:
         data = pd.read_csv(metrics_dir / CATEGORIES_CSV)
-        test = "binary" if (data["test"] == "binary").any() else "threshold"
+        test = next(t for t in M.TESTS if (data["test"] == t).any())  # the headline test if present
         plots.category_bars(data[data["test"] == test], folder / "categories.png", f"{title} ({test})")
         grids: list[str] = []
         if "unedited" in per_image and "edited" in per_image:

@@ -29,8 +29,8 @@ CLIP_SCORES_SCHEMA = pa.schema([
     pa.field("seed", pa.int64(), nullable=False),       # the caption's evaluation_seed
     pa.field("image", pa.string(), nullable=False),     # generated PNG, relative to the image root
     pa.field("real_image", pa.string(), nullable=False),  # COCO val2014 file name
-    pa.field("clip_cosine", pa.float64(), nullable=False),
-    pa.field("clip_score", pa.float64(), nullable=False),  # max(100 * cos, 0)
+    pa.field("clip_cosine", pa.float64(), nullable=False),        # cos(image, caption): the CLIP score's term
+    pa.field("clip_score_hessel", pa.float64(), nullable=False),  # max(100 * cos, 0) (Hessel et al.)
 ])
 
 
@@ -81,8 +81,9 @@ def score_fid(out: Path, fingerprint: str, coco_csv: Path, n_captions: int, inde
               clip_source: str, clip_revision: str | None, image_size: int, batch_size: int,
               extractor: Callable[[torch.Tensor], torch.Tensor] | None = None,
               clip_encoder=None) -> Path:
-    """``out`` (metrics.json: fid, clip_score, clip_cosine, counts) and, beside it, clip_scores.parquet
-    (one row per caption, :data:`CLIP_SCORES_SCHEMA`).
+    """``out`` (metrics.json: fid, clip_score = the plain mean cosine with its unit and judge,
+    clip_score_hessel, counts) and, beside it, clip_scores.parquet (one row per caption,
+    :data:`CLIP_SCORES_SCHEMA`).
 
     Each caption's generated image is found in the generation ``index`` by (prompt, evaluation_seed),
     its real image by ``coco_id``. ``extractor`` (tests) replaces the FID InceptionV3 loaded from
@@ -113,14 +114,18 @@ def score_fid(out: Path, fingerprint: str, coco_csv: Path, n_captions: int, inde
         else:
             encoder = clip_encoder
         cos = caption_cosines(encoder, fake, list(caps["prompt"]), batch_size)  # (n,)
-        clip = (100.0 * cos).clamp_min(0)  # CLIP score (Hessel et al. 2021), as t2iedit.fid.clip_score
+        hessel = (100.0 * cos).clamp_min(0)  # Hessel et al. 2021, as t2iedit.fid.clip_score
         write_parquet(scores, pa.table({
             "case_number": caps["case_number"].astype("int64"), "coco_id": caps["coco_id"].astype("int64"),
             "prompt": caps["prompt"], "seed": caps["evaluation_seed"].astype("int64"), "image": rel,
-            "real_image": [p.name for p in real], "clip_cosine": cos.numpy(), "clip_score": clip.numpy(),
+            "real_image": [p.name for p in real], "clip_cosine": cos.numpy(),
+            "clip_score_hessel": hessel.numpy(),
         }, schema=CLIP_SCORES_SCHEMA), CLIP_SCORES_SCHEMA)
-        write_json(path, {"fid": round(fid, 4), "clip_score": round(float(clip.mean()), 4),
-                          "clip_cosine": round(float(cos.mean()), 6), "n_captions": len(caps),
+        # the paper's CLIP score is the plain mean cosine (t2iedit.fid.clip_score, METHOD.md §8)
+        write_json(path, {"fid": round(fid, 4), "clip_score": round(float(cos.mean()), 6),
+                          "clip_score_unit": F.CLIP_SCORE_UNIT,
+                          "clip_judge": getattr(encoder, "name", clip_source),
+                          "clip_score_hessel": round(float(hessel.mean()), 4), "n_captions": len(caps),
                           "n_real": len(real), "feature_dim": int(real_f.shape[1])})
 
     return run_once(out, fingerprint, produce, also=[scores])

@@ -70,7 +70,7 @@ def test_full_tiny_evaluation(tiny_pipe, tiny_dir, prompts, tmp_path):
 
     # thresholds recomputed for this model from its oracle images: mean - 2 sd over the seeds
     oracle = per_image[1]
-    th = M.thresholds_from_oracle(oracle)
+    th = M.thresholds_from_reference(oracle)
     one = oracle[oracle["prompt_id"] == th.loc[0, "prompt_id"]]["eval_score"].astype(float)
     assert th.loc[0, "threshold_2sigma"] == pytest.approx(one.mean() - 2 * one.std(ddof=1))
     again = M.evaluate_images(enc, M.with_thresholds(prompts, th), index, root, "oracle",

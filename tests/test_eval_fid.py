@@ -120,6 +120,8 @@ def test_clip_score_matches_manual_cosine(tmp_path):
     caps = ["a dog", "a red car", "two cats on a sofa"]
     out = F.clip_score(enc, ims, caps, batch_size=2)
     cos = (enc.encode_images(ims) * enc.encode_texts(caps)).sum(-1).double()
-    assert out["clip_cosine"] == pytest.approx(cos.mean().item(), abs=1e-6)
-    assert out["clip_score"] == pytest.approx((100 * cos).clamp_min(0).mean().item(), abs=1e-4)
+    # the paper's CLIP score is the plain mean cosine (its 0.465), not 100·cos
+    assert out["clip_score"] == pytest.approx(cos.mean().item(), abs=1e-6)
+    assert -1.0 <= out["clip_score"] <= 1.0 and "cosine" in F.CLIP_SCORE_UNIT
+    assert out["clip_score_hessel"] == pytest.approx((100 * cos).clamp_min(0).mean().item(), abs=1e-4)
     assert out["n"] == 3

@@ -39,14 +39,36 @@ def test_binary_success_direction_per_category():
 
 def test_threshold_stats_match_ddof1_and_shipped_layout():
     s = [0.40, 0.42, 0.38, 0.44, 0.36]
-    st = M.threshold_stats(s)
+    st = M.threshold_stats(s)  # CAKE's wrap_stats: np.std(ddof=1)
     mean, std = np.mean(s), np.std(s, ddof=1)
     assert st["mean"] == pytest.approx(mean)
     assert st["2sigma"] == pytest.approx(mean - 2 * std)
     assert st["+3sigma"] == pytest.approx(mean + 3 * std)
     assert set(st) == {"mean", "1sigma", "2sigma", "3sigma", "+1sigma", "+2sigma", "+3sigma"}
+    pop = M.threshold_stats(s, ddof=0)  # the population-std reading
+    assert pop["2sigma"] == pytest.approx(mean - 2 * np.std(s)) and pop["2sigma"] > st["2sigma"]
     with pytest.raises(ValueError):
         M.threshold_stats([0.4])
+    with pytest.raises(ValueError, match="ddof"):
+        M.threshold_stats(s, ddof=2)
+
+
+def test_thresholds_from_reference_images_of_the_eval_text():
+    """One threshold per prompt from the scores of its eval text's reference images, over however many
+    reference images there are (not the evaluation seeds), std with the given ddof."""
+    rng = np.random.default_rng(0)
+    n = 7  # reference images per eval text; the evaluation might use 2 or 5 seeds
+    rows = pd.DataFrame({"prompt_id": np.repeat(["e/efficacy/0", "e/specificity/0"], n),
+                         "seed": np.tile(np.arange(n), 2), "eval_score": rng.uniform(0.1, 0.4, 2 * n)})
+    rows.loc[0, "eval_score"] = None  # an unscored row is left out
+    for ddof in (0, 1):
+        th = M.thresholds_from_reference(rows, ddof=ddof).set_index("prompt_id")
+        for pid, group in rows.dropna().groupby("prompt_id"):
+            v = group["eval_score"].to_numpy(float)
+            assert th.loc[pid, "n_images"] == len(v)
+            assert th.loc[pid, "threshold_2sigma"] == pytest.approx(v.mean() - 2 * v.std(ddof=ddof))
+            assert th.loc[pid, "threshold_mean"] == pytest.approx(v.mean())
+    assert th["n_images"].tolist() == [n - 1, n]
 
 
 def test_compute_thresholds_groups_by_tag_and_prompt():
@@ -126,6 +148,17 @@ def test_markdown_table_layout():
     assert lines[2] == "| Method | Efficacy | Specificity | Score |"
     assert lines[4].startswith("| ours | **100.00 ± 0.00** |")
     assert "| emcid | 75.00 ± 35.36 | 25.00 ± 35.36 | 43.30 ± " in lines[5]
+
+
+def test_paper_layout_oracle_row_first_and_threshold_test_headline():
+    a = M.summarize(_rows(), "binary_success")
+    results = {"ours": a, "oracle": a, "unedited": a}
+    rows = M.paper_rows(results)
+    assert rows == ["unedited", "ours", "oracle"]
+    md = M.markdown_table({m: results[m] for m in rows}, labels=M.ROW_LABELS).strip().splitlines()
+    assert md[2].startswith("| Oracle (unedited) |")  # the paper's first row: unedited, test prompts
+    assert md[4].startswith("| Oracle prompts (unedited model) |")
+    assert M.TESTS[0] == M.HEADLINE_TEST == "threshold" and "Headline" in M.TEST_TITLES["threshold"]
 
 
 def test_text_space_success_and_drift():

@@ -97,12 +97,16 @@ def test_fid_task_matches_real_images_by_coco_id_and_scores(generated, tmp_path)
     assert metrics["fid"] > 0
     assert metrics["n_captions"] == metrics["n_real"] == N and metrics["feature_dim"] == 2
 
-    # CLIP score: per caption 100·cos clamped at 0; the mean agrees with the library's definition
+    # CLIP score: the plain mean cosine (the paper's unit), with its unit and judge named; Hessel's
+    # 100·max(cos, 0) beside it; both agree with the library and with a direct computation
     images = [load_image(root, r) for r in rows["image"]]
     lib = F.clip_score(encoder, images, list(caps["prompt"]), batch_size=3)
-    assert metrics["clip_score"] == pytest.approx(lib["clip_score"], abs=1e-3)
-    assert metrics["clip_cosine"] == pytest.approx(lib["clip_cosine"], abs=1e-5)
-    assert np.allclose(rows["clip_score"], np.clip(100 * rows["clip_cosine"], 0, None))
+    direct = (encoder.encode_images(images) * encoder.encode_texts(list(caps["prompt"]))).sum(-1).double()
+    assert metrics["clip_score"] == pytest.approx(direct.mean().item(), abs=1e-5)
+    assert metrics["clip_score"] == pytest.approx(lib["clip_score"], abs=1e-5)
+    assert metrics["clip_score_unit"] == F.CLIP_SCORE_UNIT and metrics["clip_judge"] == encoder.name
+    assert metrics["clip_score_hessel"] == pytest.approx(lib["clip_score_hessel"], abs=1e-3)
+    assert np.allclose(rows["clip_score_hessel"], np.clip(100 * rows["clip_cosine"], 0, None))
 
     # stamped: a second call returns at once without touching the extractor
     assert is_done(out, "fp-score") and stamp_for(out).is_file()
@@ -157,7 +161,9 @@ def test_params_section_is_valid_and_defaults_to_the_paper_protocol():
     from flows.fid import FidParams
 
     p = FidParams.model_validate(yaml.safe_load((REPO / "params.yaml").read_text())["fid"])
-    assert p.n_captions == 5000 and p.clip_score_model == "openai/clip-vit-large-patch14"
+    # the CLIP-score judge: the paper's ViT-bigG-class model (its 0.465 is a plain mean cosine)
+    assert p.n_captions == 5000 and p.clip_score_model == "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+    assert FidParams().clip_score_model == p.clip_score_model
     assert p.coco_images is None and p.inception_weights is None  # user inputs: no silent default
     with pytest.raises(ValueError):
         FidParams.model_validate({"n_captions": 10, "unknown": 1})

@@ -2,7 +2,8 @@
 
 ``compute_edit(name, requests, stats, components, params)`` builds the method's config from a params
 mapping (unknown keys fail; an ablation's defining setting cannot be overridden) and returns the
-``EditArtifact``. Methods: ``ours`` (default), ``oracle``, ``time``, ``refact``, ``emcid`` and the
+``EditArtifact``. Methods: ``ours`` (default), ``unedited`` (the paper's Oracle row: no edit, test
+prompts), ``oracle`` (no edit, oracle prompts), ``time``, ``refact``, ``emcid`` and the
 ablations ``ours-no-projector`` (P = I), ``ours-no-eata`` (α = 0), ``ours-no-visual`` (λ = 0).
 """
 
@@ -33,8 +34,12 @@ def _ours(name: str, description: str, fixed: Mapping[str, Any] | None = None) -
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     _ours("ours", "values with text + EATA + visual loss; null-space constrained solve (eq. 7)"),
+    # the paper's Oracle row: the unedited model on the test prompts (METHOD.md §7)
+    Method("unedited", partial(compute_oracle, method="unedited"), OracleConfig,
+           "Oracle (unedited): the unedited model on the test prompts (the paper's first row)"),
     Method("oracle", partial(compute_oracle, method="oracle"), OracleConfig,
-           "unedited model; also evaluated on the oracle prompts", oracle_prompts=True),
+           "unedited model on the dataset's oracle prompts (what the edit should look like)",
+           oracle_prompts=True),
     Method("time", partial(time_method, method="time"), TimeConfig,
            "TIME: closed-form edit of UNet cross-attention to_k/to_v, edits in sequence"),
     Method("refact", partial(refact_method, method="refact"), RefactConfig,

@@ -1,6 +1,7 @@
 """The comparison of methods: edit requests from the dataset table, which prompts each method is
-evaluated on, and the results table in the layout of the paper's Tables 2/3 (rows = methods,
-columns = categories + Score, mean ± std over seeds)."""
+evaluated on, and the results table in the layout of the paper's Tables 2/3 (rows = methods, the
+Oracle — ``unedited`` on the test prompts — first; columns = categories + Score, mean ± std over seeds;
+the threshold test is the headline table, the two-class test the second)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Mapping
 import pandas as pd
 import pyarrow as pa
 
-from t2iedit.metrics import CATEGORY_ORDER, DISPLAY
+from t2iedit.metrics import CATEGORY_ORDER, DISPLAY, ROW_LABELS, TESTS, paper_rows
 from t2iedit.prompts import EditRequest
 
 COMPARISON_SCHEMA = pa.schema([
     pa.field("method", pa.string(), nullable=False),
-    pa.field("test", pa.string(), nullable=False),        # binary | threshold
+    pa.field("label", pa.string(), nullable=False),       # row label of the paper layout ("Oracle (unedited)")
+    pa.field("test", pa.string(), nullable=False),        # threshold (headline) | binary
     pa.field("category", pa.string(), nullable=False),    # Efficacy … Specificity, Score
     pa.field("mean", pa.float64(), nullable=False),       # success rate in %, mean over seeds
     pa.field("std", pa.float64(), nullable=False),        # std over seeds (ddof=1; 0 for one seed)
@@ -47,15 +49,20 @@ def prompt_column(oracle_prompts: bool) -> str:
 
 
 def comparison_table(results: Mapping[str, Mapping[str, Mapping]]) -> pa.Table:
-    """``{method: {test: metrics.summarize(...)}}`` → long table (:data:`COMPARISON_SCHEMA`)."""
+    """``{method: {test: metrics.summarize(...)}}`` → long table (:data:`COMPARISON_SCHEMA`): the
+    headline test first, rows in the paper's order (:func:`t2iedit.metrics.paper_rows`)."""
     rows = []
-    for method, tests in results.items():
-        for test, s in tests.items():
+    for test in TESTS:
+        for method in paper_rows(results):
+            if test not in results[method]:
+                continue
+            s = results[method][test]
             n = len(s.get("seeds", [])) or 1
+            label = ROW_LABELS.get(method, method)
             for c in CATEGORY_ORDER:
                 if c in s["categories"]:
                     e = s["categories"][c]
-                    rows.append((method, test, DISPLAY[c], e["mean"], e["std"], n))
-            rows.append((method, test, "Score", s["score"]["mean"], s["score"]["std"], n))
+                    rows.append((method, label, test, DISPLAY[c], e["mean"], e["std"], n))
+            rows.append((method, label, test, "Score", s["score"]["mean"], s["score"]["std"], n))
     cols = list(zip(*rows)) if rows else [[]] * len(COMPARISON_SCHEMA)
     return pa.table(dict(zip(COMPARISON_SCHEMA.names, map(list, cols))), schema=COMPARISON_SCHEMA)

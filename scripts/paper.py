@@ -1,0 +1,191 @@
+"""The settings of one of the paper's tables and what running them costs (``scripts/paper.sh``).
+
+``python scripts/paper.py TABLE --dry-run`` prints every parameter the table is run with, the
+per-dataset baseline settings, and the images and UNet evaluations per stage and method — counted with
+``t2iedit.protocol`` (the function the generate stage builds its work list with) from the dataset
+files alone: no model is loaded. ``--dvc-args`` prints the ``dvc exp run -S`` arguments, one per line.
+
+TABLE: ``timed`` | ``road`` (the paper's Table 2) | ``cake`` (Table 3). The settings (METHOD.md §8):
+SD-1.4, every edit of the test split at once, 5 seeds, 200 value steps, dslim/bert-large-NER, CAKE's
+shipped thresholds and the ViT-bigG judge (also for the CLIP score), FID-5K; the baselines' per-dataset
+settings come from the dataset (``t2iedit.methods.per_dataset``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from t2iedit import protocol  # noqa: E402
+
+BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+SEEDS = [0, 1, 2, 3, 4]
+TABLES = {"timed": "the paper's Table 2 (TIMED)", "road": "the paper's Table 2 (RoAD)",
+          "cake": "the paper's Table 3 (CAKE)"}
+COMPARE_METHODS = ["unedited", "oracle", "time", "refact", "emcid", "ours", "ours-no-projector",
+                   "ours-no-eata", "ours-no-visual"]
+SD_STEPS, SD_GUIDANCE = 50, 7.5  # SD-1.4's sampling (t2iedit.models PRESETS["sd-v1-4"], METHOD.md §8)
+
+
+def settings(table: str, coco_images: str | None = None, inception_weights: str | None = None) -> dict[str, Any]:
+    """params.yaml keys (dotted) → the value the table is run with."""
+    if table not in TABLES:
+        raise SystemExit(f"paper: TABLE must be one of {', '.join(TABLES)}, not {table!r}")
+    return {
+        "model.preset": "sd-v1-4", "model.source": None,
+        "datasets.name": table, "datasets.split": "test", "datasets.max_edits": None,
+        "datasets.conflict_policy": "keep_all",
+        "ner.backend": "hf", "ner.model": "dslim/bert-large-NER",
+        "values.steps": 200, "values.alpha": 0.11, "values.latent_images": 1, "values.latent_steps": None,
+        "generate.methods": ["edited", "unedited", "oracle"], "generate.seeds": SEEDS,
+        "generate.num_inference_steps": None, "generate.guidance_scale": SD_GUIDANCE,
+        "metrics.thresholds": "shipped", "metrics.sigma": "2sigma", "metrics.clip": BIGG,
+        "compare.methods": COMPARE_METHODS, "compare.seeds": SEEDS, "compare.method_params": {},
+        "compare.sampling": {"num_inference_steps": None, "guidance_scale": None}, "compare.reuse_main": True,
+        "fid.method": "edited", "fid.n_captions": 5000, "fid.clip_score_model": BIGG,
+        "fid.sampling": {"num_inference_steps": None, "guidance_scale": SD_GUIDANCE},
+        "fid.coco_images": coco_images, "fid.inception_weights": inception_weights,
+    }
+
+
+def yaml_value(v: Any) -> str:
+    """A value as ``dvc exp run -S`` parses it (YAML flow style)."""
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def dataset(table: str, split: str = "test"):
+    """The table's edit set as the prepare_datasets stage builds it (every edit, keep_all)."""
+    from t2iedit.edit_data.benchmarks import load_cake, load_road, load_timed
+
+    load = {"timed": load_timed, "road": load_road, "cake": load_cake}[table]
+    es = load(REPO / "data" / "raw", split)
+    return es.edits.to_pandas(), es.eval_prompts.to_pandas()
+
+
+def plan(table: str, s: dict[str, Any], generate_batch: int = 8, values_batch: int = 32,
+         compare_batch: int = 8) -> dict[str, Any]:
+    """Images and UNet evaluations per stage and method (``t2iedit.protocol`` counts)."""
+    from t2iedit.methods import build_config, get_method
+
+    edits, ep = dataset(table, s["datasets.split"])
+    singles = edits[edits["kind"] == "single"]
+    n_edits = len(singles)
+    steps = s["generate.num_inference_steps"] or SD_STEPS
+    rows: list[dict[str, Any]] = []
+
+    def gen(stage: str, method: str, items: list, n_new: int | None = None, st: int = steps,
+            guidance: float = SD_GUIDANCE, batch: int = generate_batch) -> None:
+        n = len(items) if n_new is None else n_new
+        rows.append({"stage": stage, "method": method, "images": n,
+                     "sample_forwards": protocol.sample_forwards(n, st, guidance),
+                     "unet_calls": protocol.unet_calls(n, st, batch), "shared": len(items) - n})
+
+    main_items: set = set()
+    for m in s["generate.methods"]:
+        items = protocol.generation_items(ep, m, s["generate.seeds"], protocol.CAKE_REFERENCE_IMAGES)
+        gen("generate", m, items)
+        if m in ("unedited", "oracle"):
+            main_items |= set(items)
+    latent_steps = s["values.latent_steps"] or SD_STEPS
+    n_lat = n_edits * s["values.latent_images"]
+    batches = [min(values_batch, n_edits - i) for i in range(0, n_edits, values_batch)]
+    rows.append({"stage": "values", "method": "source latents", "images": n_lat,
+                 "sample_forwards": protocol.sample_forwards(n_lat, latent_steps, SD_GUIDANCE),
+                 "unet_calls": sum(protocol.unet_calls(b * s["values.latent_images"], latent_steps, 8)
+                                   for b in batches), "shared": 0})
+    rows.append({"stage": "values", "method": "ours (200 Adam steps)", "images": 0,
+                 "sample_forwards": protocol.value_forwards(n_edits, s["values.steps"], True),
+                 "unet_calls": protocol.value_calls(batches, s["values.steps"], True), "shared": 0})
+    same_sampling = (s["compare.sampling"]["num_inference_steps"] in (None, steps)
+                     and s["compare.sampling"]["guidance_scale"] in (None, s["generate.guidance_scale"]))
+    for name in s["compare.methods"]:
+        method = get_method(name)
+        config = build_config(method, s["compare.method_params"].get(name))
+        values = getattr(config, "values", None)
+        if values is not None and values.lambda_visual > 0:
+            main_latents = (config.latent_seed == 0 and config.latent_images == s["values.latent_images"]
+                            and (config.latent_steps or SD_STEPS) == latent_steps)
+            vb = [min(config.value_batch_size, n_edits - i) for i in range(0, n_edits, config.value_batch_size)]
+            rows.append({"stage": "compare/values", "method": name, "images": 0 if main_latents else n_edits,
+                         "sample_forwards": protocol.value_forwards(n_edits, values.steps, True)
+                         + (0 if main_latents else protocol.sample_forwards(n_edits, SD_STEPS, SD_GUIDANCE)),
+                         "unet_calls": protocol.value_calls(vb, values.steps, True), "shared": 0})
+        items = protocol.generation_items(ep, "oracle" if method.oracle_prompts else "edited",
+                                          s["compare.seeds"])
+        no_edit = name in ("unedited", "oracle")
+        new = sum(1 for it in items if it not in main_items) if (no_edit and s["compare.reuse_main"]
+                                                                 and same_sampling) else len(items)
+        gen("compare/generate", name, items, new, batch=compare_batch)
+    n_fid = s["fid.n_captions"]
+    gen("fid", s["fid.method"], [None] * n_fid, st=s["fid.sampling"]["num_inference_steps"] or SD_STEPS,
+        guidance=s["fid.sampling"]["guidance_scale"])
+    total = {k: sum(r[k] for r in rows) for k in ("images", "sample_forwards", "unet_calls", "shared")}
+    return {"n_edits": n_edits, "n_composite": int((edits["kind"] == "composite").sum()),
+            "n_prompts": len(ep), "rows": rows, "total": total}
+
+
+def dataset_defaults(table: str) -> dict[str, Any] | None:
+    try:
+        from t2iedit.methods.per_dataset import dataset_defaults as dd
+    except ImportError:
+        return None
+    return dd(table, "sd-v1-4")
+
+
+def dry_run(table: str, coco_images: str | None, inception_weights: str | None) -> str:
+    s = settings(table, coco_images, inception_weights)
+    p = plan(table, s)
+    out = [f"# scripts/paper.sh {table} --dry-run: {TABLES[table]}", "",
+           "## Parameters (dvc exp run -S, over params.yaml)", ""]
+    out += [f"    {k}={yaml_value(v)}" for k, v in s.items()]
+    dd = dataset_defaults(table)
+    if dd is not None:
+        out += ["", "Per-dataset baseline settings (from the dataset, t2iedit.methods.per_dataset):", ""]
+        out += [f"    {m}: {yaml_value(v)}" for m, v in dd.items()]
+    out += ["", f"Dataset: {p['n_edits']} single edits applied at once"
+            + (f" (+{p['n_composite']} composite pairs, evaluated only)" if p["n_composite"] else "")
+            + f", {p['n_prompts']} evaluation prompts; SD-1.4 sampling {SD_STEPS} PNDM steps, guidance "
+            f"{SD_GUIDANCE} (classifier-free: 2 sample-forwards per step and image).", "",
+            "## Work (t2iedit.protocol; `shared`: images the main run already generated)", "",
+            "| stage | method | images | UNet sample-forwards | UNet calls (batched) | shared |",
+            "|---|---|---:|---:|---:|---:|"]
+    out += [f"| {r['stage']} | {r['method']} | {r['images']:,} | {r['sample_forwards']:,} | "
+            f"{r['unet_calls']:,} | {r['shared']:,} |" for r in p["rows"]]
+    t = p["total"]
+    out += [f"| **total** | | **{t['images']:,}** | **{t['sample_forwards']:,}** | **{t['unet_calls']:,}** | "
+            f"{t['shared']:,} |", ""]
+    if not (coco_images and inception_weights):
+        out += ["FID-5K needs COCO_IMAGES (COCO val2014 folder) and INCEPTION_WEIGHTS (pytorch-fid's "
+                "pt_inception-2015-12-05-6726825d.pth) in the environment of the real run.", ""]
+    out += ["No model was loaded. Run it: scripts/paper.sh " + table]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    ap = argparse.ArgumentParser(prog="scripts/paper.py", description=__doc__.splitlines()[0])
+    ap.add_argument("table", choices=sorted(TABLES))
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dry-run", action="store_true")
+    mode.add_argument("--dvc-args", action="store_true")
+    a = ap.parse_args(argv)
+    coco, weights = os.environ.get("COCO_IMAGES"), os.environ.get("INCEPTION_WEIGHTS")
+    if a.dry_run:
+        print(dry_run(a.table, coco, weights))
+    else:
+        for k, v in settings(a.table, coco, weights).items():
+            print(f"{k}={yaml_value(v)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
