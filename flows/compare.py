@@ -27,13 +27,13 @@ from pydantic import Field, field_validator
 
 from flows.metrics import THRESHOLDS_DIR, MetricsParams, judge_id, judge_source
 from flows.reporting import logger, markdown_artifact
-from flows.stage import PARAMS_FILE, StageParams, generate_size, load_params, run_stage
+from flows.stage import PARAMS_FILE, StageParams, generate_hw, load_params, run_stage
 from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.methods.per_dataset import edits_dataset, method_params
 from t2iedit.models import PRESETS
 from tasks.fingerprints import fingerprint
 from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, write_table
-from tasks.model import locked_model
+from tasks.model import image_size, locked_model
 
 DATASETS_DIR = Path("data/processed/datasets")
 ENTITIES = Path("data/ner/entities.parquet")
@@ -96,7 +96,7 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     model_id = {"model": model.identity}
 
     m = load_params("metrics", MetricsParams, params_file)  # the judge whose thresholds the metrics stage wrote
-    sampling = sampling_config(p, model.preset, generate_size(model, params_file))
+    sampling = sampling_config(p, model.preset, image_size(model, *generate_hw(params_file)))
     edits = DATASETS_DIR / "edits.parquet"
     latents = LATENTS if p.reuse_main else None
     shared_images = MAIN_IMAGES if p.reuse_main else None

@@ -22,7 +22,7 @@ from pydantic import Field
 from flows.reporting import logger, table_artifact
 from flows.stage import PARAMS_FILE, StageParams, load_params, run_stage
 from flows.generate import EDIT_ARTIFACT, MODELS_DIR, OUT
-from flows.stage import generate_size
+from flows.stage import generate_hw
 from flows.metrics import judge_id, judge_source
 from t2iedit.clip_eval import DEFAULT_CLIP_SCORE_MODEL
 from t2iedit.fid import FID_SUBSET_SIZE, fid_captions
@@ -31,7 +31,7 @@ from t2iedit.models import get_preset
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
 from tasks.evaluate import generate_batch, images_key, merge_index
-from tasks.model import LOCK_FILE, locked_model
+from tasks.model import LOCK_FILE, image_size, locked_model
 from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, references_sha256,
                        score_fid)
 
@@ -76,7 +76,7 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
     model = locked_model(MODELS_DIR)
     preset = get_preset(model.preset)
     artifact = EDIT_ARTIFACT if p.method == "edited" else None
-    height, width = generate_size(model, params_file)  # generate.height/width (None: the model's own)
+    height, width = image_size(model, *generate_hw(params_file))  # generate.height/width (None: the model's)
     sampling = {"num_inference_steps": p.sampling.num_inference_steps or preset.num_inference_steps,
                 "guidance_scale": p.sampling.guidance_scale, "height": height, "width": width}
     fp = fingerprint("fid/generate", p.model_dump(mode="json", include=GENERATE_KEYS),

@@ -27,7 +27,7 @@ from t2iedit.protocol import CAKE_REFERENCE_IMAGES, PROMPT_COLUMN, generation_it
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
 from tasks.evaluate import generate_batch, images_key, merge_index, prune_images
-from tasks.model import LOCK_FILE, locked_model
+from tasks.model import LOCK_FILE, image_size, locked_model
 
 EVAL_PROMPTS = Path("data/processed/datasets/eval_prompts.parquet")
 EDIT_ARTIFACT = Path("data/edit/artifact")
@@ -48,12 +48,17 @@ class GenerateParams(StageParams):
     batch_size: int = Field(default=8, ge=1)        # prompts per pipeline call
     task_batches: int = Field(default=64, ge=1)     # images per mapped task (unit of resumption)
     reference_images: int = Field(default=CAKE_REFERENCE_IMAGES, ge=2)  # per eval text, seeds 0..n-1 (CAKE: 50)
+    # image size in pixels (multiples of 8); None: the model's own unet.config.sample_size ×
+    # vae_scale_factor (SD 1.x 512, tiny 32). Also used by compare, fid and the values latents.
+    height: int | None = Field(default=None, ge=8, multiple_of=8)  # tasks.model.image_size
+    width: int | None = Field(default=None, ge=8, multiple_of=8)
 
 
-def sampling_for(preset: str, p: GenerateParams) -> dict:
-    pre = get_preset(preset)
+def sampling_for(model, p: GenerateParams) -> dict:
+    pre = get_preset(model.preset)
+    height, width = image_size(model, p.height, p.width)
     return {"num_inference_steps": p.num_inference_steps or pre.num_inference_steps,
-            "guidance_scale": p.guidance_scale, "height": pre.resolution, "width": pre.resolution}
+            "guidance_scale": p.guidance_scale, "height": height, "width": width}
 
 
 @flow(name="generate")
@@ -61,7 +66,7 @@ def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
     p = load_params("generate", GenerateParams, params_file)
     log = logger()
     model = locked_model(MODELS_DIR)
-    sampling = sampling_for(model.preset, p)
+    sampling = sampling_for(model, p)
     ep = read_parquet(EVAL_PROMPTS).to_pandas()
     outs: dict[str, Path] = {}
     batch_files: list[Path] = []
@@ -76,7 +81,8 @@ def generate(params_file: str = PARAMS_FILE) -> dict[str, Path]:
         futures = generate_batch.map(
             outs_b, [item_fingerprint(fp, c) for c in chunks], unmapped(model.preset),
             unmapped(model.source), unmapped(model.revision), unmapped(artifact), chunks,
-            unmapped(IMAGES), unmapped(mh), unmapped(sampling), unmapped(p.batch_size))
+            unmapped(IMAGES), unmapped(mh), unmapped(sampling), unmapped(p.batch_size),
+            unmapped(model.dtype))
         done = [f.result() for f in futures]
         batch_files += done
         outs[method] = merge_index(INDEX_DIR / f"{method}.parquet", fp, done)

@@ -30,6 +30,9 @@ class ModelParams(StageParams):
     # snapshot / the built tiny weights; outside the repo, so DVC does not watch it: after changing
     # its files, `dvc repro -f prepare_model` (the lock then re-hashes them)
     source: str | None = None
+    # what the UNet and VAE (and the text encoder at inference) run in on CUDA; the CPU stays float32
+    # (t2iedit.models.resolve_dtype); part of the images' model identity (tasks.evaluate.images_key)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 @flow(name="prepare_model")
@@ -37,7 +40,7 @@ def prepare_model(params_file: str = PARAMS_FILE) -> Path:
     p = load_params("model", ModelParams, params_file)
     extra = {"source_files": tree_sha256(p.source)} if p.source and Path(p.source).is_dir() else None
     fp = fingerprint("prepare_model", p, code=CODE, extra=extra)
-    lock = lock_model(MODELS_DIR / LOCK_FILE, fp, p.preset, p.seed, p.source)
+    lock = lock_model(MODELS_DIR / LOCK_FILE, fp, p.preset, p.seed, p.source, p.dtype)
     logger().info("model %s locked in %s", p.preset, lock)
     return lock
 

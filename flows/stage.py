@@ -88,6 +88,19 @@ def make_task_runner(runner: RunnerParams) -> TaskRunner:
     )
 
 
+def generate_hw(params_file: str | Path = PARAMS_FILE) -> tuple[int | None, int | None]:
+    """params.yaml's ``generate.height`` / ``generate.width`` (None: the model's own size,
+    ``tasks.model.image_size``): the size generate, compare, fid and the values latents generate at."""
+    section = read_params(params_file).get("generate") or {}
+    out = []
+    for name in ("height", "width"):
+        v = section.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 8 or v % 8):
+            raise ValueError(f"{params_file}: generate.{name} must be a multiple of 8 (>= 8) or null, got {v!r}")
+        out.append(v)
+    return out[0], out[1]
+
+
 def with_runner(flow: Flow, params_file: str | Path = PARAMS_FILE) -> Flow:
     """``flow`` with the task runner configured in params.yaml's ``runner`` section."""
     return flow.with_options(task_runner=make_task_runner(load_runner(params_file)))

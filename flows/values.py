@@ -91,14 +91,20 @@ def values(params_file: str = PARAMS_FILE) -> Path:
                      extra={"value_layer": value_layer})
     latents: list[Path | None] = [None] * len(batches)
     if cfg.lambda_visual > 0:
+        from flows.stage import generate_hw
+        from tasks.model import image_size, locked_model
+
+        height, width = image_size(locked_model(MODELS_DIR), *generate_hw(params_file))  # generate.height/width
         lat_fp = fingerprint("values-latents", {"seed": p.seed, "images": p.latent_images,
-                                                "steps": p.latent_steps}, inputs=[MODELS_DIR], code=LATENT_CODE)
+                                                "steps": p.latent_steps, "height": height, "width": width},
+                             inputs=[MODELS_DIR], code=LATENT_CODE)
         lat_outs = [LATENTS / f"batch_{i:05d}.safetensors" for i in range(len(batches))]
         ids = [[r.edit_id for r in b] for b in batches]
         prompts = [[r.source for r in b] for b in batches]
         futures = source_latents.map(lat_outs, [item_fingerprint(lat_fp, [i, s]) for i, s in zip(ids, prompts)],
                                      unmapped(MODELS_DIR), ids, prompts, unmapped(p.seed),
-                                     unmapped(p.latent_images), unmapped(p.latent_steps))
+                                     unmapped(p.latent_images), unmapped(p.latent_steps),
+                                     unmapped(height), unmapped(width))
         latents = [f.result() for f in futures]
         prune(LATENTS, keep=[*latents, LATENT_INDEX])
     # the folder always exists (a DVC output) and says which latents this run used; text-only runs

@@ -60,10 +60,13 @@ class SamplingConfig:
             raise ValueError(f"height/width must be multiples of 8, got {self.height}x{self.width}")
 
 
-def model_hash(base: str, revision: str | None = None, edit_hash: str | None = None) -> str:
+def model_hash(base: str, revision: str | None = None, edit_hash: str | None = None,
+               dtype: str = "float32") -> str:
     """Identity of the weights that generate images: base model (hub id + revision, or the content
-    hash of a local folder — the caller decides) and the applied edit's content hash, if any."""
-    return stable_hash({"base": base, "revision": revision, "edit": edit_hash})
+    hash of a local folder — the caller decides), the applied edit's content hash, if any, and the
+    dtype the UNet/VAE/text encoder ran in (float32 adds nothing: keys of float32 images are unchanged)."""
+    extra = {} if dtype == "float32" else {"dtype": dtype}
+    return stable_hash({"base": base, "revision": revision, "edit": edit_hash, **extra})
 
 
 def image_key(prompt: str, seed: int, config: SamplingConfig) -> str:

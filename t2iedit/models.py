@@ -292,6 +292,39 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> str:
+    """The dtype (``model.dtype``) the UNet, VAE and the text encoder at inference run in on
+    ``device`` (default :func:`default_device`): ``name`` on CUDA; float32 on any other device, with a
+    warning when a half dtype was asked for. Rule: the CPU stays float32 — its half-precision
+    convolutions are slower than float32 and a params.yaml written for a GPU must still run on a CPU
+    (CI); the effective dtype (this function's result) is what image keys record, so a CPU run's
+    images are never mistaken for half-precision ones."""
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cuda" and name != "float32":
+        logger.warning("model.dtype %s requested on %s: running in float32 (the CPU stays float32)",
+                       name, device.type)
+        return "float32"
+    return name
+
+
+def native_size(source: str | os.PathLike, revision: str | None = None) -> tuple[int, int]:
+    """(height, width) a pipeline generates by default: its ``unet.config.sample_size`` ×
+    ``vae_scale_factor`` (2 ** (len(vae.config.block_out_channels) − 1)), as diffusers'
+    ``StableDiffusionPipeline`` computes it — 512 × 512 for SD 1.x, 32 × 32 for the tiny presets."""
+    kw = _hub_kwargs(source, revision)
+    unet = UNet2DConditionModel.load_config(str(source), subfolder="unet", **kw)
+    vae = AutoencoderKL.load_config(str(source), subfolder="vae", **kw)
+    side = unet["sample_size"]
+    h, w = (side, side) if isinstance(side, int) else tuple(side)
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(h) * factor, int(w) * factor
+
+
 def load_pipeline(source: str | os.PathLike, revision: str | None = None,
                   torch_dtype: torch.dtype = torch.float32):
     """Load a Stable Diffusion pipeline from a hub id (pinned revision) or a local folder.

@@ -20,7 +20,7 @@ from t2iedit import plots
 from t2iedit.generate import (SamplingConfig, generate_images, load_image, model_hash, read_index,
                               write_index)
 from t2iedit.storage import read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
-from t2iedit.models import default_device, load_pipeline, load_text_encoder
+from t2iedit.models import DTYPES, default_device, load_pipeline, load_text_encoder, resolve_dtype
 from tasks.stamps import STAMP_CACHE, run_once
 from tasks.model import LockedModel
 
@@ -47,27 +47,56 @@ def clip_encoder(source: str, revision: str | None = None):
 
 
 def images_key(model: LockedModel, artifact: Path | None = None) -> str:
-    """What generated images are keyed by: the locked weights' content plus the applied edit's."""
-    return model_hash(model.identity, model.revision, tree_sha256(artifact) if artifact else None)
+    """What generated images are keyed by: the locked weights' content plus the applied edit's, and
+    the dtype generation runs in here (``model.dtype`` as :func:`t2iedit.models.resolve_dtype`
+    resolves it on this machine's device)."""
+    return model_hash(model.identity, model.revision, tree_sha256(artifact) if artifact else None,
+                      resolve_dtype(model.dtype))
+
+
+_PIPE_LOCK = threading.Lock()
+_PIPE: dict[tuple, tuple[Any, threading.Lock]] = {}
+
+
+def cached_pipeline(preset: str, source: str, revision: str | None, artifact: Path | None = None,
+                    dtype: str = "float32"):
+    """(pipeline, lock): the locked model's pipeline, loaded once per worker process (not once per
+    mapped task) on :func:`default_device` in :func:`resolve_dtype`'s dtype, with ``artifact``'s
+    edit applied for good; one pipeline resident at a time. Hold the lock while calling it (the
+    mapped tasks of a thread runner share it).
+
+    The edit is applied to the float32 weights as loaded — ``W ← cast(W + ΔW)``, the sum in float64
+    (``t2iedit.edit.apply_edit``) — and only then is the pipeline cast to ``dtype``: the float64 deltas
+    are rounded once. The same weights as :func:`t2iedit.edit.edited` on a fresh float32 pipeline."""
+    device = default_device()
+    eff = resolve_dtype(dtype, device)
+    key = (preset, str(source), revision, eff, str(device),
+           None if artifact is None else (str(artifact), tree_sha256(artifact)))
+    with _PIPE_LOCK:
+        if key not in _PIPE:
+            _PIPE.clear()  # one pipeline resident at a time
+            pipe = load_pipeline(source, revision)  # float32 weights
+            if artifact is not None:
+                from t2iedit.edit import EditArtifact, apply_edit
+
+                apply_edit({"text_encoder": pipe.text_encoder, "unet": pipe.unet},
+                           EditArtifact.load(artifact), preset, revision)
+            _PIPE[key] = (pipe.to(device=device, dtype=DTYPES[eff]), threading.Lock())
+        return _PIPE[key]
 
 
 @task(cache_policy=STAMP_CACHE)
 def generate_batch(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
                    artifact: Path | None, items: list[tuple[str, int]], image_root: Path,
-                   model_hash: str, sampling: dict[str, Any], batch_size: int) -> Path:
-    """Images of one batch of (prompt, seed) under ``image_root``; ``out`` = the batch's index."""
+                   model_hash: str, sampling: dict[str, Any], batch_size: int,
+                   dtype: str = "float32") -> Path:
+    """Images of one batch of (prompt, seed) under ``image_root``; ``out`` = the batch's index. The
+    pipeline is the process's :func:`cached_pipeline` (loaded by the first batch of a method)."""
     def produce(path: Path) -> None:
-        pipe = load_pipeline(source, revision).to(default_device())
-        if artifact is None:
+        pipe, lock = cached_pipeline(preset, source, revision, artifact, dtype)
+        with lock:
             index = generate_images(pipe, items, image_root, model_hash, SamplingConfig(**sampling),
                                     batch_size=batch_size)
-        else:
-            from t2iedit.edit import EditArtifact, edited
-
-            parts = {"text_encoder": pipe.text_encoder, "unet": pipe.unet}
-            with edited(parts, EditArtifact.load(artifact), preset, revision):
-                index = generate_images(pipe, items, image_root, model_hash,
-                                        SamplingConfig(**sampling), batch_size=batch_size)
         write_index(path, [index])
 
     return run_once(out, fingerprint, produce)

@@ -18,8 +18,8 @@ from prefect import task
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer  # noqa: F401
 
 from t2iedit.storage import file_sha256, read_json, stable_hash, write_json
-from t2iedit.models import (TextEncoderAdapter, build_preset_pipeline, get_preset, load_text_encoder,
-                            preset_architecture)
+from t2iedit.models import (DTYPES, TextEncoderAdapter, build_preset_pipeline, get_preset,
+                            load_text_encoder, native_size, preset_architecture)
 from tasks.stamps import STAMP_CACHE, run_once
 
 LOCK_FILE = "lock.json"
@@ -35,10 +35,15 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 @task(cache_policy=STAMP_CACHE)
-def lock_model(out: Path, fingerprint: str, preset: str, seed: int, source: str | None = None) -> Path:
+def lock_model(out: Path, fingerprint: str, preset: str, seed: int, source: str | None = None,
+               dtype: str = "float32") -> Path:
     """Write the lock file ``out`` (building the tiny pipeline beside it, or resolving the hub
     snapshot at the preset's pinned revision; ``HF_HUB_OFFLINE=1`` uses the cache only). ``source``:
-    a local pipeline folder (``save_pretrained``) of the preset's architecture, used instead."""
+    a local pipeline folder (``save_pretrained``) of the preset's architecture, used instead.
+    ``dtype``: ``model.dtype``, what the UNet and VAE (and the text encoder at inference) run in on
+    CUDA (:func:`t2iedit.models.resolve_dtype`); the weights on disk stay float32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     def produce(path: Path) -> None:
         pre = get_preset(preset)
         if source is not None:
@@ -59,6 +64,7 @@ def lock_model(out: Path, fingerprint: str, preset: str, seed: int, source: str 
             "base_model_id": preset, "base_revision": revision,
             "text_layer_template": pre.text_layer_template, "text_block_template": pre.text_block_template,
             "edit_layers": list(pre.edit_layers), "value_layer": pre.value_layer,
+            "dtype": dtype,
             "files": _hashes(folder),
         })
 
@@ -137,11 +143,23 @@ class LockedModel:
     source: str
     revision: str | None
     identity: str  # lock_identity: the content hash of the locked files
+    dtype: str = "float32"  # model.dtype asked for (on CUDA); t2iedit.models.resolve_dtype gives the effective one
 
 
 def locked_model(models_dir: Path) -> LockedModel:
     lock = read_lock(models_dir)
-    return LockedModel(lock["preset"], lock["source"], lock["revision"], lock_identity(lock))
+    return LockedModel(lock["preset"], lock["source"], lock["revision"], lock_identity(lock),
+                       lock.get("dtype", "float32"))
+
+
+def image_size(model: LockedModel, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width) of generated images: ``generate.height``/``width`` (``flows.stage.generate_hw``),
+    each ``None`` → the locked model's own (``t2iedit.models.native_size``: unet.config.sample_size ×
+    vae_scale_factor; SD 1.x 512, tiny 32)."""
+    if height is not None and width is not None:
+        return height, width
+    h, w = native_size(model.source, model.revision)
+    return height or h, width or w
 
 
 def load_locked_encoder(models_dir: Path) -> tuple[dict[str, Any], Any, TextEncoderAdapter]:

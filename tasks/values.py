@@ -86,8 +86,10 @@ def losses_file(values_file: Path) -> Path:
 
 @task(cache_policy=STAMP_CACHE)
 def source_latents(out: Path, fingerprint: str, models_dir: Path, edit_ids: list[str], prompts: list[str],
-                   seed: int, images_per_prompt: int, num_inference_steps: int | None) -> Path:
-    """``out``: latents (n, K, C, H, W) of the unedited model's images of each source prompt (L_V)."""
+                   seed: int, images_per_prompt: int, num_inference_steps: int | None,
+                   height: int | None = None, width: int | None = None) -> Path:
+    """``out``: latents (n, K, C, H, W) of the unedited model's images of each source prompt (L_V),
+    ``height`` × ``width`` pixels (generate.height/width; None: the pipeline's own)."""
     def produce(path: Path) -> None:
         lock = read_lock(models_dir)
         with _LOAD_LOCK:
@@ -97,7 +99,7 @@ def source_latents(out: Path, fingerprint: str, models_dir: Path, edit_ids: list
             from t2iedit.models import get_preset
             steps = get_preset(lock["preset"]).num_inference_steps
         lat = generate_source_latents(pipe, edit_ids, prompts, seed, images_per_prompt,
-                                      num_inference_steps=steps)
+                                      num_inference_steps=steps, height=height, width=width)
         save_tensors(path, {"latents": lat}, meta={"edit_ids": edit_ids, "seed": seed,
                                                    "num_inference_steps": steps})
 

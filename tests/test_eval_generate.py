@@ -70,3 +70,96 @@ def test_rejects_bad_input(tiny_pipe, tmp_path):
         generate_images(tiny_pipe, [("", 0)], tmp_path, "h", CFG, progress=False)
     with pytest.raises(ValueError, match="multiples of 8"):
         SamplingConfig(height=30)
+
+
+def _tiny_artifact(pipe, folder):
+    """A real-shaped edit of the tiny pipeline: random float64 ΔW on two text-encoder fc2 layers."""
+    import torch
+
+    from t2iedit.edit import EditArtifact, EditManifest, module_key
+    from t2iedit.models import TextEncoderAdapter
+
+    adapter = TextEncoderAdapter(pipe.text_encoder)
+    g = torch.Generator().manual_seed(0)
+    deltas = {module_key("text_encoder", adapter.module_name(l)):
+              0.05 * torch.randn(adapter.layer(l).weight.shape, generator=g, dtype=torch.float64)
+              for l in (0, 2)}
+    return EditArtifact(deltas, EditManifest("ours", "tiny", None, "abc", (0, 2), 2)).save(folder)
+
+
+def test_one_pipeline_per_process_gives_the_images_of_a_fresh_pipeline(tiny_dir, tiny_pipe, tmp_path):
+    """issue 16 item 3: mapped batches reuse the process's pipeline (loaded once per model and edit,
+    the edit applied for good) and produce the same PNGs as loading a fresh pipeline per batch with
+    the edit applied for the call (the old generate_batch)."""
+    import t2iedit.models as models_mod
+    import tasks.evaluate as ev
+    from t2iedit.edit import EditArtifact, edited
+
+    artifact = _tiny_artifact(tiny_pipe, tmp_path / "artifact")
+    sampling = {"num_inference_steps": 3, "guidance_scale": 7.5, "height": 32, "width": 32}
+    loads = []
+    real_load = ev.load_pipeline
+    ev.load_pipeline = lambda *a, **k: loads.append(a) or real_load(*a, **k)
+    try:
+        ev._PIPE.clear()
+        items = [("a dog", 0), ("a red car", 1), ("a cat on a mat", 0), ("a dog", 1)]
+        for art, name in ((None, "plain"), (artifact, "edit")):
+            for b, chunk in enumerate((items[:2], items[2:])):  # two mapped batches of one method
+                ev.generate_batch.fn(tmp_path / name / f"{b}.parquet", f"fp{b}", "tiny", str(tiny_dir), None,
+                                     art, chunk, tmp_path / f"cached_{name}", "mh", sampling, 2)
+        assert len(loads) == 2  # once per (model, edit), not once per batch
+        assert ev.cached_pipeline("tiny", str(tiny_dir), None, artifact)[0] is \
+            ev.cached_pipeline("tiny", str(tiny_dir), None, artifact)[0]
+    finally:
+        ev.load_pipeline = real_load
+        ev._PIPE.clear()
+    cfg = SamplingConfig(**sampling)
+    fresh = models_mod.load_pipeline(tiny_dir)
+    generate_images(fresh, items, tmp_path / "fresh_plain", "mh", cfg, batch_size=2, progress=False)
+    parts = {"text_encoder": fresh.text_encoder, "unet": fresh.unet}
+    with edited(parts, EditArtifact.load(artifact), "tiny", None):
+        generate_images(fresh, items, tmp_path / "fresh_edit", "mh", cfg, batch_size=2, progress=False)
+    for name in ("plain", "edit"):
+        rels = sorted(p.relative_to(tmp_path / f"fresh_{name}") for p in (tmp_path / f"fresh_{name}").rglob("*.png"))
+        assert len(rels) == 4
+        for rel in rels:
+            assert np.array_equal(_pixels(tmp_path / f"cached_{name}", rel), _pixels(tmp_path / f"fresh_{name}", rel))
+    rel = rels[0]
+    assert not np.array_equal(_pixels(tmp_path / "fresh_plain", rel), _pixels(tmp_path / "fresh_edit", rel))
+
+
+def test_height_width_and_dtype_are_honoured_and_keyed(tiny_pipe, tiny_dir, tmp_path, caplog):
+    """issue 16 items 1–2: generate.height/width (null: the model's own size) reach the pixels and the
+    image key; the dtype is part of the images' model identity; on the CPU a half dtype runs float32."""
+    import logging
+
+    import torch
+
+    from flows.stage import generate_hw
+    from t2iedit.models import native_size, resolve_dtype
+    from tasks.model import LockedModel, image_size
+
+    model = LockedModel("tiny", str(tiny_dir), None, "id")
+    assert native_size(tiny_dir) == (32, 32) == image_size(model)
+    assert image_size(model, 16, None) == (16, 32) and image_size(model, 24, 40) == (24, 40)
+    params = tmp_path / "params.yaml"
+    params.write_text("generate:\n  height: 12\n")
+    with pytest.raises(ValueError, match="generate.height must be a multiple of 8"):
+        generate_hw(params)
+    params.write_text("generate:\n  height: 16\n  width: null\n")
+    assert generate_hw(params) == (16, None)
+
+    cfg = SamplingConfig(num_inference_steps=2, height=16, width=24)
+    t = generate_images(tiny_pipe, [("a dog", 0)], tmp_path, "mh", cfg, progress=False)
+    with Image.open(tmp_path / t.column("path")[0].as_py()) as im:
+        assert im.size == (24, 16)  # (width, height)
+    assert image_relpath("a dog", 0, "mh", cfg) != image_relpath("a dog", 0, "mh", CFG)
+
+    assert model_hash("m", None, None) == model_hash("m", None, None, "float32")  # float32 keys unchanged
+    assert len({model_hash("m", None, None, d) for d in ("float32", "float16", "bfloat16")}) == 3
+    with caplog.at_level(logging.WARNING, logger="t2iedit.models"):
+        assert resolve_dtype("float16", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "float32"
+    assert "the CPU stays float32" in caplog.text
+    assert resolve_dtype("float16", torch.device("cuda", 0)) == "float16"
+    with pytest.raises(ValueError, match="model.dtype must be one of"):
+        resolve_dtype("float64", "cpu")
