@@ -93,14 +93,25 @@ def null_space_projector(C0: torch.Tensor, mode: Mode = "relative", value: float
         negative rounding eigenvalues count as 0). ``protected_energy(P, C0) ≥ 1 − value``; the null
         rank is monotone in ``value``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return projector_from_eigh(*eigh_moment(C0), mode, value)
+
+
+def eigh_moment(C0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eigenvalues ascending (d,), eigenvectors (d, d) as columns)`` of ``C0``, float64."""
     if C0.ndim != 2 or C0.shape[0] != C0.shape[1]:
         raise ValueError(f"C0 must be square, got {tuple(C0.shape)}")
     C = C0.detach().to(torch.float64)
     C = (C + C.T) / 2  # exact symmetry for eigh; C0 is symmetric up to rounding
-    eigenvalues, U = torch.linalg.eigh(C)  # ascending (d,), (d, d) columns = eigenvectors
-    d = C.shape[0]
+    return torch.linalg.eigh(C)
+
+
+def projector_from_eigh(eigenvalues: torch.Tensor, U: torch.Tensor, mode: Mode = "relative",
+                        value: float = 1.0e-2) -> NullSpaceProjector:
+    """:func:`null_space_projector` from a decomposition :func:`eigh_moment` (one decomposition, many
+    rules: bench/bench_projector_sweep.py)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    d = eigenvalues.shape[0]
     if mode == "rank":
         null_rank = int(value)
         if null_rank != value or not 0 <= null_rank <= d:
