@@ -9,7 +9,7 @@ data/eval/metrics_batches/, so a killed run resumes) and merged. Writes data/eva
 (the evaluation prompts with the adaptive thresholds used: ``metrics.thresholds`` shipped, or recomputed
 by CAKE's recipe from the ``reference`` images of each evaluation text, scored under thresholds/reference/),
 data/eval/metrics/<method>/{per_image.parquet, summary.json} (every generate method but ``reference``),
-text_space.json and summary/{metrics.json (dvc metrics), table.md (paper layout: the threshold test is the
+and summary/{metrics.json (dvc metrics; text_space.<method>: the text_space stage's metrics), table.md (paper layout: the threshold test is the
 headline table, the two-class test the second; ``unedited`` is the row "Oracle (unedited)"), categories.csv}.
 """
 
@@ -31,13 +31,13 @@ from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
 from t2iedit.metrics import CAKE_DDOF
 from t2iedit.protocol import method_seeds
-from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, merge_scores, score_batch, text_space,
+from tasks.evaluate import (PER_IMAGE, TABLE_MD, THRESHOLD_PROMPTS, merge_scores, score_batch,
                             threshold_prompts, write_metrics)
-from tasks.model import LOCK_FILE, locked_model
 
 METRICS_DIR = OUT / "metrics"
 THRESHOLDS_DIR = METRICS_DIR / "thresholds"
 BATCHES = OUT / "metrics_batches"  # scored prompt batches (DVC persist: a killed run resumes)
+TEXT_SPACE_METRICS = Path("data/text_space/summary/metrics.json")  # the text_space stage's
 TINY_CLIP_SEED = 0
 CODE = ["t2iedit.metrics", "t2iedit.clip_eval", "t2iedit.generate", "t2iedit.plots", "t2iedit.protocol",
         "tasks.evaluate"]
@@ -120,13 +120,8 @@ def metrics(params_file: str = PARAMS_FILE) -> Path:
         summaries = {method: scored(METRICS_DIR / method, method, prompts)
                      for method in g.methods if method != "reference"}  # reference: not a table row
         prune(BATCHES, keep=batch_files)
-    text = None
-    if "edited" in g.methods:
-        model = locked_model(MODELS_DIR)
-        fp = fingerprint("metrics/text_space", inputs=[MODELS_DIR / LOCK_FILE, EVAL_PROMPTS, EDIT_ARTIFACT],
-                         code=["t2iedit.metrics", "t2iedit.edit", "tasks.evaluate"])
-        text = text_space(METRICS_DIR / "text_space.json", fp, model.preset, model.source,
-                          model.revision, EDIT_ARTIFACT, EVAL_PROMPTS)
+    # the text-space metrics of every method (stage text_space, METHOD.md §8a): metrics.json text_space.<method>
+    text = TEXT_SPACE_METRICS if TEXT_SPACE_METRICS.is_file() else None
     fp = fingerprint("metrics/summary", {"title": p.title, "note": (note := threshold_note(p, g))},
                      inputs=[*(s / "summary.json" for s in summaries.values()), *([text] if text else [])],
                      code=CODE)
