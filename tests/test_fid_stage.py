@@ -176,3 +176,14 @@ def test_dvc_stage_declares_its_code_and_stays_out_of_the_default_repro():
     assert "data/models" in deps  # the model: prepare_model's lock
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"] + stage["metrics"]]
     assert "data/eval/fid/metrics.json" in outs and "data/eval/fid/clip_scores.parquet" in outs
+
+
+def test_clip_score_judge_can_be_the_tiny_offline_one(tmp_path):
+    from flows.fid import FidParams
+    from flows.metrics import judge_id, judge_source
+
+    p = FidParams.model_validate({"clip_score_model": "tiny"})
+    src = judge_source(p.clip_score_model, tmp_path)
+    assert Path(src, "config.json").is_file() and judge_id(p.clip_score_model) == "tiny-seed0"
+    assert ClipEncoder.from_pretrained(src).encode_texts(["a dog"]).shape[0] == 1
+    assert judge_source("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", tmp_path).startswith("laion/")
