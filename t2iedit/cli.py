@@ -117,7 +117,7 @@ from t2iedit.models import (PRESETS, TextEncoderAdapter, build_preset_pipeline, 
                             load_pipeline)
 from t2iedit.projector import MODES as PROJECTOR_MODES  # noqa: E402
 from t2iedit.prompts import EditRequest  # noqa: E402
-from t2iedit.storage import write_json  # noqa: E402
+from t2iedit.storage import read_json, write_json  # noqa: E402
 
 if _IMPORTING:  # imports done: Ctrl-C is a KeyboardInterrupt again, handled by each command
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -267,7 +267,7 @@ def _load(src: str, revision: Optional[str], device: str):
         pipe = load_pipeline(src, revision)
         pipe.to(device)
     except Exception as e:  # hub unreachable, not cached, a bad folder, an unknown device ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300].rstrip(".")
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = ("" if Path(src).exists() else
                 f" It is not in the Hugging Face cache{' and HF_HUB_OFFLINE is set' if offline else ''} or the hub "
@@ -319,7 +319,11 @@ def progress() -> Iterator[Progress]:
     transformers.utils.logging.disable_progress_bar()  # denoising steps) would interleave with this one
     with Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=False) as bar:
-        yield bar
+        try:
+            yield bar
+        except BaseException:  # the error message is what matters then, not a half-finished bar
+            bar.live.transient = True
+            raise
 
 
 @contextlib.contextmanager
@@ -499,7 +503,7 @@ def edit(
             projector_mode=projector_mode, projector_value=projector_value, ner=ner, steps=steps, lr=lr,
             alpha=alpha, visual=visual, beta=beta, value_batch_size=value_batch_size, device=device)
     except BaseException:
-        if new_folder and not (folder / STATE_FILE).exists():  # a failed first edit leaves no store
+        if new_folder and not _holds_batches(folder):  # a failed first edit leaves no store
             shutil.rmtree(folder, ignore_errors=True)
         raise
     out.print(f"applied [bold]{escape(batch.edit_id)}[/]: {batch.n_edits} facts from {escape(file.name)} "
@@ -510,6 +514,13 @@ def edit(
     out.print(f"text-space efficacy of this batch: {success:.0%}  ·  batches applied: "
               f"{len(session.state.batches)}  ·  accumulated keys per layer: "
               f"{next(iter(session.state.key_counts().values()), 0)}", highlight=False)
+
+
+def _holds_batches(folder: Path) -> bool:
+    try:
+        return bool(read_json(folder / STATE_FILE)["batches"])
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest], *, method: str,
