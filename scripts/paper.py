@@ -70,66 +70,10 @@ def dataset(table: str, split: str = "test"):
     return es.edits.to_pandas(), es.eval_prompts.to_pandas()
 
 
-def plan(table: str, s: dict[str, Any], generate_batch: int = 8, values_batch: int = 32,
-         compare_batch: int = 8) -> dict[str, Any]:
-    """Images and UNet evaluations per stage and method (``t2iedit.protocol`` counts)."""
-    from t2iedit.methods import build_config, get_method
-
+def plan(table: str, s: dict[str, Any]) -> dict[str, Any]:
+    """Images and UNet evaluations per stage and method (:func:`t2iedit.protocol.count_work`)."""
     edits, ep = dataset(table, s["datasets.split"])
-    singles = edits[edits["kind"] == "single"]
-    n_edits = len(singles)
-    steps = s["generate.num_inference_steps"] or SD_STEPS
-    rows: list[dict[str, Any]] = []
-
-    def gen(stage: str, method: str, items: list, n_new: int | None = None, st: int = steps,
-            guidance: float = SD_GUIDANCE, batch: int = generate_batch) -> None:
-        n = len(items) if n_new is None else n_new
-        rows.append({"stage": stage, "method": method, "images": n,
-                     "sample_forwards": protocol.sample_forwards(n, st, guidance),
-                     "unet_calls": protocol.unet_calls(n, st, batch), "shared": len(items) - n})
-
-    main_items: set = set()
-    for m in s["generate.methods"]:
-        items = protocol.generation_items(ep, m, s["generate.seeds"], protocol.CAKE_REFERENCE_IMAGES)
-        gen("generate", m, items)
-        if m in ("unedited", "oracle"):
-            main_items |= set(items)
-    latent_steps = s["values.latent_steps"] or SD_STEPS
-    n_lat = n_edits * s["values.latent_images"]
-    batches = [min(values_batch, n_edits - i) for i in range(0, n_edits, values_batch)]
-    rows.append({"stage": "values", "method": "source latents", "images": n_lat,
-                 "sample_forwards": protocol.sample_forwards(n_lat, latent_steps, SD_GUIDANCE),
-                 "unet_calls": sum(protocol.unet_calls(b * s["values.latent_images"], latent_steps, 8)
-                                   for b in batches), "shared": 0})
-    rows.append({"stage": "values", "method": "ours (200 Adam steps)", "images": 0,
-                 "sample_forwards": protocol.value_forwards(n_edits, s["values.steps"], True),
-                 "unet_calls": protocol.value_calls(batches, s["values.steps"], True), "shared": 0})
-    same_sampling = (s["compare.sampling"]["num_inference_steps"] in (None, steps)
-                     and s["compare.sampling"]["guidance_scale"] in (None, s["generate.guidance_scale"]))
-    for name in s["compare.methods"]:
-        method = get_method(name)
-        config = build_config(method, s["compare.method_params"].get(name))
-        values = getattr(config, "values", None)
-        if values is not None and values.lambda_visual > 0:
-            main_latents = (config.latent_seed == 0 and config.latent_images == s["values.latent_images"]
-                            and (config.latent_steps or SD_STEPS) == latent_steps)
-            vb = [min(config.value_batch_size, n_edits - i) for i in range(0, n_edits, config.value_batch_size)]
-            rows.append({"stage": "compare/values", "method": name, "images": 0 if main_latents else n_edits,
-                         "sample_forwards": protocol.value_forwards(n_edits, values.steps, True)
-                         + (0 if main_latents else protocol.sample_forwards(n_edits, SD_STEPS, SD_GUIDANCE)),
-                         "unet_calls": protocol.value_calls(vb, values.steps, True), "shared": 0})
-        items = protocol.generation_items(ep, "oracle" if method.oracle_prompts else "edited",
-                                          s["compare.seeds"])
-        no_edit = name in ("unedited", "oracle")
-        new = sum(1 for it in items if it not in main_items) if (no_edit and s["compare.reuse_main"]
-                                                                 and same_sampling) else len(items)
-        gen("compare/generate", name, items, new, batch=compare_batch)
-    n_fid = s["fid.n_captions"]
-    gen("fid", s["fid.method"], [None] * n_fid, st=s["fid.sampling"]["num_inference_steps"] or SD_STEPS,
-        guidance=s["fid.sampling"]["guidance_scale"])
-    total = {k: sum(r[k] for r in rows) for k in ("images", "sample_forwards", "unet_calls", "shared")}
-    return {"n_edits": n_edits, "n_composite": int((edits["kind"] == "composite").sum()),
-            "n_prompts": len(ep), "rows": rows, "total": total}
+    return protocol.count_work(edits, ep, s, default_steps=SD_STEPS)
 
 
 def dataset_defaults(table: str) -> dict[str, Any] | None:
