@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from flows.metrics import THRESHOLDS_DIR, MetricsParams, judge_id, judge_source
 from flows.reporting import logger, markdown_artifact
-from flows.stage import PARAMS_FILE, StageParams, generate_hw, load_params, run_stage
+from flows.stage import PARAMS_FILE, StageParams, generate_hw, load_params, run_stage, read_params
 from t2iedit.methods import METHODS, build_config, get_method
 from t2iedit.methods.per_dataset import edits_dataset, method_params
 from t2iedit.models import PRESETS
@@ -108,7 +108,7 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     mparams = {name: method_params(name, dataset, model.preset, p.method_params.get(name)) for name in p.methods}
     for name in p.methods:
         build_config(get_method(name), mparams[name])  # fails before any model work
-    summaries = {}
+    summaries, artifacts = {}, {}
     with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
         clip_source = judge_source(m.clip, Path(scratch))
         for name in p.methods:
@@ -124,6 +124,7 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
                                  out / "images", p.seeds, sampling, clip_source, m.clip_revision,
                                  p.batch_size, m.sigma, shared_images)
             summaries[name] = ev / SUMMARY
+            artifacts[name] = art
             logger().info("compare: %s done (%s)", name, ev)
     note = (f"Headline table: the threshold test (the metrics stage's thresholds, {THRESHOLD_PROMPTS}; judge "
             f"{m.clip}). Second table: the two-class CLIP test. Oracle (unedited) = the unedited model on "
@@ -135,7 +136,31 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
                         f"{DATASETS_DIR.name}: {', '.join(p.methods)} ({model.preset})", note)
     markdown_artifact("compare-table", (table / TABLE_MD).read_text(encoding="utf-8"),
                       description="methods × categories, mean ± std over seeds")
+    compare_text_space(out / "text_space", model, artifacts, edits, params_file)
     return table
+
+
+def compare_text_space(out: Path, model, artifacts: dict[str, Path], edits: Path, params_file: str) -> Path:
+    """Text-space metrics (no images, docs/METHOD.md §8a) of every compared edit of the text encoder, the
+    unedited model first: ``out``/{metrics.json, table.md}. Methods that edit the UNet (TIME) are left
+    out: their text space is the unedited model's."""
+    from tasks.text_space import COCO, CORPUS, DEFAULT_CAPTIONS, TABLE_MD as TS_TABLE, edits_text_encoder, measure
+
+    skip_first = int((read_params(params_file).get("corpus") or {}).get("holdout_first") or 0)
+    chosen = {"unedited": None, **{n: a for n, a in artifacts.items() if edits_text_encoder(a)}}
+    inputs = {"edits": edits, "eval_prompts": DATASETS_DIR / "eval_prompts.parquet", "entities": ENTITIES,
+              "captions_csv": COCO, "corpus": CORPUS, "skip_first": skip_first,
+              "n_captions": DEFAULT_CAPTIONS}
+    fp = fingerprint("compare/text_space", {"methods": list(chosen), "skip_first": skip_first,
+                                            "captions": inputs["n_captions"]},
+                     inputs=[*(a for a in chosen.values() if a is not None), edits, inputs["eval_prompts"],
+                             ENTITIES, COCO, CORPUS],
+                     code=["t2iedit.text_space", "t2iedit.losses", "t2iedit.edit", "tasks.text_space"],
+                     extra={"model": model.identity})
+    res = measure(out, fp, model, chosen, inputs, f"Text space ({model.preset}): compared methods")
+    markdown_artifact("compare-text-space", (res / TS_TABLE).read_text(encoding="utf-8"),
+                      description="text-space metrics (no images) of every compared method")
+    return res
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from tasks.compare import edit_method
 from tasks.fingerprints import fingerprint
 from tasks.model import locked_model
 from tasks.stamps import prune
-from tasks.text_space import METRICS_JSON, TABLE_MD, measure, no_projector_edit, variant_params
+from tasks.text_space import (COCO, CORPUS, DEFAULT_CAPTIONS, METRICS_JSON, TABLE_MD, measure,
+                              no_projector_edit, variant_params)
 
 MODELS_DIR = Path("data/models")
 DATASETS_DIR = Path("data/processed/datasets")
@@ -42,8 +43,6 @@ ENTITIES = Path("data/ner/entities.parquet")
 MOMENTS, PROJECTORS = Path("data/statistics/moments"), Path("data/projector/layers")
 VALUES = Path("data/values/values.safetensors")
 EDIT_ARTIFACT = Path("data/edit/artifact")
-CORPUS = Path("data/processed/corpus/corpus.parquet")
-COCO = Path("data/raw/coco/coco_30k.csv")
 OUT = Path("data/text_space")
 #: Methods that may run beside ours here (time edits the UNet: its text space is the unedited one's).
 VARIANTS = ("ours-no-projector", "ours-no-eata", "ours-no-visual", "emcid", "refact")
@@ -58,7 +57,7 @@ METRIC_CODE = ["t2iedit.text_space", "t2iedit.losses", "t2iedit.edit", "t2iedit.
 class TextSpaceParams(StageParams):
     methods: list[str] = Field(default_factory=lambda: list(VARIANTS))
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    captions: int = Field(default=500, ge=0)  # held-out COCO captions of the caption drift
+    captions: int = Field(default=DEFAULT_CAPTIONS, ge=0)  # held-out COCO captions of the caption drift
 
     @field_validator("methods")
     @classmethod

@@ -22,6 +22,9 @@ from tasks.model import LockedModel, load_locked_encoder
 from tasks.stamps import STAMP_CACHE, run_once
 
 METRICS_JSON, TABLE_MD = "metrics.json", "table.md"
+CORPUS = Path("data/processed/corpus/corpus.parquet")   # K0 (prepare_corpus)
+COCO = Path("data/raw/coco/coco_30k.csv")              # the held-out captions come from here
+DEFAULT_CAPTIONS = 500                                  # held-out captions of the caption drift
 
 
 def load_data(edits: Path, eval_prompts: Path, entities: Path, captions_csv: Path, corpus: Path,
@@ -116,6 +119,11 @@ def measure(out: Path, fingerprint: str, model: LockedModel, artifacts: dict[str
         write_text(folder / TABLE_MD, TS.markdown_table(results, title))
 
     return run_once(out, fingerprint, produce)
+
+
+def edits_text_encoder(artifact: Path) -> bool:
+    """Whether an EditArtifact changes only the text encoder (or nothing): its text space is measurable."""
+    return {split_key(k)[0] for k in EditArtifact.load(artifact).deltas} <= {"text_encoder"}
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
