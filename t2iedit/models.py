@@ -276,6 +276,53 @@ def build_preset_pipeline(preset: str, folder: str | os.PathLike, seed: int = 0)
     return build_tiny_pipeline(folder, seed=seed, config=pre.tiny_config)
 
 
+# CompVis/stable-diffusion-v1-4 @ 133a221b: text_encoder/config.json, unet/config.json, vae/config.json
+# (the fields that differ from the classes' defaults, and the shapes)
+SD14_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                        projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SD14_UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
+SD14_VAE_CONFIG = dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                       block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)
+
+
+def build_sd14_pipeline(folder: str | os.PathLike | None, seed: int = 0, sample_size: int | None = None,
+                        tiny_unet: bool = False, device: str | torch.device = "cpu"):
+    """SD-1.4's architecture from its real configs with random weights (no download): saved with
+    ``save_pretrained`` to ``folder`` (returns the folder), or returned as a pipeline when ``folder``
+    is None. ``sample_size``: the UNet's latent side (real: 64, i.e. 512 px; smaller for CPU tests).
+    ``tiny_unet``: the full-size text encoder with the tiny preset's UNet/VAE (cross-attention 768)
+    — the CI variant. Passes :func:`tasks.model.check_pipeline_folder` for preset sd-v1-4."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT_CONFIG))
+        if tiny_unet:
+            cfg = {**TINY_CONFIG, "text_hidden": 768}
+            if sample_size is not None:
+                cfg["sample_size"] = sample_size * 2
+            unet, vae = _tiny_unet_vae(cfg, seed)
+        else:
+            torch.manual_seed(seed + 1)
+            unet = UNet2DConditionModel(**{**SD14_UNET_CONFIG, **({"sample_size": sample_size} if sample_size else {})})
+            torch.manual_seed(seed + 2)
+            vae = AutoencoderKL(**{**SD14_VAE_CONFIG, "sample_size": (sample_size or 64) * 8})
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if folder is None:
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    logger.info("built SD-1.4 architecture (random weights, seed %d, tiny_unet=%s) in %s", seed, tiny_unet, folder)
+    return folder
+
+
 def _hub_kwargs(source: str | os.PathLike, revision: str | None) -> dict:
     """``from_pretrained`` kwargs: a local folder needs no revision; a hub id is pinned to one."""
     if Path(source).exists():
