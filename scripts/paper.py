@@ -1,8 +1,9 @@
 """The settings of one of the paper's tables and what running them costs (``scripts/paper.sh``).
 
 ``python scripts/paper.py TABLE --dry-run`` prints every parameter the table is run with, the
-per-dataset baseline settings, and the images and UNet evaluations per stage and method — counted with
-``t2iedit.protocol`` (the function the generate stage builds its work list with) from the dataset
+per-dataset baseline settings, and the images and UNet evaluations per stage and method — counted by
+``t2iedit.methods.compare.count_work`` with ``t2iedit.protocol`` (whose ``generation_items`` the generate
+stage builds its work list with) from the dataset
 files alone: no model is loaded. ``--dvc-args`` prints the ``dvc exp run -S`` arguments, one per line.
 
 TABLE: ``timed`` | ``road`` (the paper's Table 2) | ``cake`` (Table 3). The settings (METHOD.md §8):
@@ -22,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from t2iedit import protocol  # noqa: E402
 
 BIGG = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 SEEDS = [0, 1, 2, 3, 4]
@@ -71,9 +71,11 @@ def dataset(table: str, split: str = "test"):
 
 
 def plan(table: str, s: dict[str, Any]) -> dict[str, Any]:
-    """Images and UNet evaluations per stage and method (:func:`t2iedit.protocol.count_work`)."""
+    """Images and UNet evaluations per stage and method (:func:`t2iedit.methods.compare.count_work`)."""
+    from t2iedit.methods.compare import count_work
+
     edits, ep = dataset(table, s["datasets.split"])
-    return protocol.count_work(edits, ep, s, default_steps=SD_STEPS)
+    return count_work(edits, ep, s, default_steps=SD_STEPS)
 
 
 def dataset_defaults(table: str) -> dict[str, Any] | None:
