@@ -42,7 +42,13 @@ class RunnerParams(StageParams):
 
     ``thread``: Prefect's ThreadPoolTaskRunner (``max_workers``, default Prefect's choice).
     ``dask``: prefect-dask's DaskTaskRunner on a new LocalCluster of ``n_workers`` processes, or on an
-    existing scheduler at ``address`` (several GPUs or machines).
+    existing scheduler at ``address`` (several GPUs or machines). ``gpus`` (dask, new cluster): one
+    worker process per GPU instead — ``all`` (every GPU torch sees), a count, or a list of device ids
+    — each started with ``CUDA_VISIBLE_DEVICES`` set to its own GPU, so its models land there
+    (``t2iedit.models.default_device`` is then that GPU) and mapped generation/scoring tasks fan out
+    over every GPU; ``cuda_cluster: true`` uses dask-cuda's ``LocalCUDACluster`` for the same (the
+    optional ``gpu`` extra). On an existing cluster, start its workers per GPU yourself
+    (``dask cuda worker`` or ``CUDA_VISIBLE_DEVICES=i dask worker``).
     """
 
     kind: Literal["thread", "dask"] = "thread"
@@ -50,6 +56,8 @@ class RunnerParams(StageParams):
     n_workers: int = Field(default=2, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
     address: str | None = None
+    gpus: Literal["all"] | int | list[int] | None = None
+    cuda_cluster: bool = False
 
 
 def read_params(params_file: str | Path = PARAMS_FILE) -> dict[str, Any]:
@@ -81,6 +89,14 @@ def make_task_runner(runner: RunnerParams) -> TaskRunner:
 
     if runner.address:
         return DaskTaskRunner(address=runner.address)
+    if runner.gpus is not None:
+        devices = gpu_ids(runner.gpus)
+        if runner.cuda_cluster:
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs={
+                "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices)),
+                "threads_per_worker": runner.threads_per_worker, "dashboard_address": None})
+        return DaskTaskRunner(cluster_class=per_gpu_cluster, cluster_kwargs={
+            "devices": devices, "threads_per_worker": runner.threads_per_worker})
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": runner.n_workers, "threads_per_worker": runner.threads_per_worker,
@@ -99,6 +115,34 @@ def generate_hw(params_file: str | Path = PARAMS_FILE) -> tuple[int | None, int 
             raise ValueError(f"{params_file}: generate.{name} must be a multiple of 8 (>= 8) or null, got {v!r}")
         out.append(v)
     return out[0], out[1]
+
+
+def gpu_ids(gpus: str | int | list[int]) -> list[int]:
+    """``runner.gpus`` → device ids: ``all`` = every GPU torch sees (error if none), ``n`` = 0..n−1."""
+    if gpus == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError("runner.gpus: all, but no GPU is visible (CUDA_VISIBLE_DEVICES, drivers)")
+        return list(range(n))
+    if isinstance(gpus, int):
+        return list(range(gpus))
+    if not gpus or len(set(gpus)) != len(gpus):
+        raise ValueError(f"runner.gpus: expected distinct device ids, got {gpus!r}")
+    return [int(g) for g in gpus]
+
+
+def per_gpu_cluster(devices: list[int], threads_per_worker: int = 1, asynchronous: bool = False):
+    """A local Dask cluster with one worker process per device id, each started with
+    ``CUDA_VISIBLE_DEVICES=<id>`` (it sees only its GPU, as ``cuda:0``)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {f"gpu{d}": {"cls": Nanny, "options": {"nthreads": threads_per_worker,
+                                                     "env": {"CUDA_VISIBLE_DEVICES": str(d)}}}
+               for d in devices}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}},
+                       asynchronous=asynchronous)
 
 
 def with_runner(flow: Flow, params_file: str | Path = PARAMS_FILE) -> Flow:

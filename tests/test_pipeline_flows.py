@@ -119,6 +119,39 @@ def test_dask_runner_with_two_local_workers(prefect_harness):
     assert len(pids) == 2
 
 
+@task
+def _visible_device(i: int) -> tuple[int, str | None, int]:
+    import time
+
+    time.sleep(0.3)
+    return i, os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()
+
+
+@flow
+def _fan_out_devices(n: int) -> list[tuple[int, str | None, int]]:
+    return [f.result() for f in _visible_device.map(list(range(n)))]
+
+
+def test_dask_runner_one_worker_per_gpu(prefect_harness):
+    """issue 16 item 7: runner.gpus starts one worker process per device id, each seeing only its own
+    GPU through CUDA_VISIBLE_DEVICES (CPU workers here: the variable is what a GPU worker would read)."""
+    from flows.stage import gpu_ids
+
+    runner = make_task_runner(RunnerParams(kind="dask", gpus=[0, 1]))
+    results = _fan_out_devices.with_options(task_runner=runner)(8)
+    assert [i for i, _, _ in results] == list(range(8))
+    by_pid: dict[int, set] = {}
+    for _, dev, pid in results:
+        by_pid.setdefault(pid, set()).add(dev)
+    assert os.getpid() not in by_pid and len(by_pid) == 2
+    assert sorted(d for devs in by_pid.values() for d in devs) == ["0", "1"]  # one GPU per worker
+    assert gpu_ids(3) == [0, 1, 2] and gpu_ids([2, 5]) == [2, 5]
+    with pytest.raises(ValueError, match="distinct device ids"):
+        gpu_ids([1, 1])
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        gpu_ids("all")  # this machine has none
+
+
 def test_pipeline_runs_available_stage_flows_in_order(prefect_harness, monkeypatch, tmp_path):
     import flows.pipeline as pl
 
