@@ -25,6 +25,27 @@ from t2iedit.storage import load_meta, load_tensors, save_tensors
 Mode = Literal["absolute", "relative", "rank", "energy"]
 MODES: tuple[str, ...] = ("absolute", "relative", "rank", "energy")
 
+#: Each model preset's calibrated rule (``projector.mode``/``value`` null in params.yaml), from
+#: bench/bench_projector_sweep.py (bench/results/projector_sweep.md, METHOD.md §3): the energy rule
+#: protecting ≥ 99 % of C0's energy where that keeps most of the efficacy (MiniLM: 0.87 vs 0.80
+#: unprojected); on the random-weight ``tiny`` CLIP (a flat spectrum) 99 % costs most of it (0.30 vs
+#: 1.00), so the best trade-off: 97 % protected, efficacy 0.80. SD 1.x: MiniLM's (a pretrained
+#: encoder's peaked spectrum, not measurable offline), the ≥ 99 % guarantee holding by construction.
+CALIBRATED: dict[str, tuple[str, float]] = {
+    "tiny": ("energy", 3.0e-2),
+    "tiny-minilm": ("energy", 1.0e-2),
+    "sd-v1-4": ("energy", 1.0e-2),
+    "sd-v1-5": ("energy", 1.0e-2),
+}
+
+
+def calibrated_rule(preset: str) -> tuple[str, float]:
+    """``(mode, value)`` of ``preset``'s calibrated projector rule (:data:`CALIBRATED`)."""
+    if preset not in CALIBRATED:
+        raise KeyError(f"no calibrated projector rule for model preset {preset!r} (have {sorted(CALIBRATED)}); "
+                       f"set projector.mode and projector.value in params.yaml")
+    return CALIBRATED[preset]
+
 
 def protected_energy(P: torch.Tensor, C: torch.Tensor) -> float:
     """``1 − tr(P C)/tr(C)``: the share of the energy ``E‖k‖² = tr(C)`` of keys with second moment

@@ -124,3 +124,17 @@ def test_without_directions_is_a_smaller_projector_annihilating_the_keys():
     assert round(float(torch.trace(P2))) == 14
     assert (keys @ P2).norm() < 1e-12 * keys.norm()
     torch.testing.assert_close(proj.P @ P2, P2, atol=1e-12, rtol=0)  # range(P2) ⊂ range(P)
+
+
+def test_null_rule_is_the_presets_calibrated_one():
+    from flows.projector import ProjectorParams, resolve_rule
+    from t2iedit.models import PRESETS
+    from t2iedit.projector import CALIBRATED
+
+    assert set(CALIBRATED) == set(PRESETS)  # every preset has a calibrated rule
+    assert resolve_rule(ProjectorParams(), "tiny-minilm") == ("energy", 1.0e-2, "calibrated for preset tiny-minilm")
+    assert resolve_rule(ProjectorParams(mode="rank", value=3), "tiny")[:2] == ("rank", 3)
+    with pytest.raises(ValueError, match="both mode and value"):
+        resolve_rule(ProjectorParams(mode="energy"), "tiny")
+    with pytest.raises(KeyError, match="no calibrated projector rule"):
+        resolve_rule(ProjectorParams(), "other")
