@@ -249,8 +249,9 @@ def test_ours_without_projector_equals_memit_solve_with_lambda_c0_identity(tiny_
 
 def test_registry_configs_and_every_method_round_trips(tiny_pipe, adapter, stats, tmp_path):
     assert set(METHODS) == {"ours", "oracle", "time", "refact", "emcid", "ours-no-projector",
-                            "ours-no-eata", "ours-no-visual"}
+                            "ours-no-eata", "ours-no-visual", "ours-entity-keys"}
     assert build_config(get_method("ours-no-eata")).values.alpha == 0.0
+    assert build_config(get_method("ours-entity-keys")).entity_keys == "preserve"
     assert build_config(get_method("ours-no-visual")).values.lambda_visual == 0.0
     assert build_config(get_method("emcid"), {"values": {"steps": 5}}).values.text_weight == 0.01
     with pytest.raises(ValueError, match="fixed"):
