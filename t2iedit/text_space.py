@@ -201,7 +201,7 @@ def markdown_table(results: Mapping[str, Mapping], title: str | None = None) -> 
     def cell(v: float | None, col: str) -> str:
         if v is None:
             return "–"
-        return f"{v:.4f}" if col.endswith("drift") else f"{v:.1f}"
+        return f"{max(v, 0.0):.4f}" if col.endswith("drift") else f"{v:.1f}"  # 1 − cos ≥ 0 up to rounding
 
     head = [DISPLAY[c] for c in cols] + [f"Binary {c} ↑" for c in bcats]
     lines = ([f"### {title}", ""] if title else []) + [
