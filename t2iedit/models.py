@@ -24,6 +24,21 @@ from transformers import AutoModel, AutoTokenizer, BertModel, CLIPTextConfig, CL
 
 logger = logging.getLogger(__name__)
 
+
+class _BertTextEncoderTypeFilter(logging.Filter):
+    """Drops diffusers' "Expected types for text_encoder: (CLIPTextModel,), got BertModel" warning
+    (diffusers/pipelines/pipeline_utils.py, on every load of a tiny-minilm pipeline): a BertModel text
+    encoder is what that preset is, not a mistake. Any other type warning still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Expected types for text_encoder") and "BertModel" in msg)
+
+
+_diffusers_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+if not any(isinstance(f, _BertTextEncoderTypeFilter) for f in _diffusers_logger.filters):
+    _diffusers_logger.addFilter(_BertTextEncoderTypeFilter())
+
 # from_pretrained is not thread-safe: diffusers/accelerate build modules on the meta device through
 # process-wide patches, so two loads in parallel threads (a Prefect thread-pool runner) corrupt each
 # other ("Tensor on device cpu is not on the expected device meta"). Loads are serialised here.
