@@ -44,7 +44,7 @@ class EditParams(StageParams):
     templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES), min_length=1)
     # beyond the paper (METHOD.md §6): preserve the keys of each entity's standalone prompts
     entity_keys: Literal["none", "preserve"] = "none"
-    entity_keys_form: Literal["nullspace", "sequential"] = "nullspace"  # exact (null space) | AlphaEdit's K_p
+    entity_keys_form: Literal["nullspace", "sequential"] = "sequential"  # AlphaEdit's K_p | exact (null space)
 
 
 def edit_metrics(artifact: EditArtifact) -> dict:

@@ -205,7 +205,7 @@ class NullSpaceSolver:
     beta: float = 1.0
     prior_keys: Mapping[int, torch.Tensor] | None = None
     preserved: Mapping[int, torch.Tensor] | None = None
-    preserve_form: PreserveForm = "nullspace"
+    preserve_form: PreserveForm = "sequential"
 
     def __post_init__(self):
         if self.preserve_form not in ("nullspace", "sequential"):

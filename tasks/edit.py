@@ -44,7 +44,7 @@ def aligned_targets(values_file: Path, requests: list[EditRequest], value_layer:
 def closed_form_edit(out: Path, fingerprint: str, models_dir: Path, edits_parquet: Path, values_file: Path,
                      projector_dir: Path, layers: list[int] | None, value_layer: int | None, beta: float,
                      templates: list[str], config: dict, entities_parquet: Path | None = None,
-                     entity_keys: str = "none", entity_keys_form: str = "nullspace") -> Path:
+                     entity_keys: str = "none", entity_keys_form: str = "sequential") -> Path:
     """``out``: the EditArtifact of method ``ours`` (paper eq. 7 per layer, residual spread over layers).
 
     ``entity_keys="preserve"``: the keys of each entity's standalone prompts (``entities_parquet``, the

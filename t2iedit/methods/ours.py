@@ -31,8 +31,8 @@ class OursConfig:
     the P = I ablation. ``latent_*``: the source images of L_V when the pipeline supplies none.
     ``entity_keys``: ``none`` (paper) | ``preserve`` (the keys of every token of each entity's
     standalone prompts — the entity alone and in ``values.templates`` — are kept by the solve, by
-    ``entity_keys_form``: ``nullspace`` removes them from the null space, exact; ``sequential`` adds
-    them to AlphaEdit's K_p, soft)."""
+    ``entity_keys_form``: ``sequential`` (default) adds them to AlphaEdit's K_p, soft; ``nullspace``
+    removes them from the null space, exact but one null direction per key — measured in METHOD.md §6)."""
 
     values: ValueConfig = field(default_factory=ValueConfig)
     layers: tuple[int, ...] | None = None
@@ -44,7 +44,7 @@ class OursConfig:
     latent_seed: int = 0
     latent_steps: int | None = None
     entity_keys: str = "none"
-    entity_keys_form: str = "nullspace"
+    entity_keys_form: str = "sequential"
 
     def __post_init__(self):
         if self.entity_keys not in ("none", "preserve"):
