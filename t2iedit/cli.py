@@ -481,9 +481,13 @@ def edit(
     beta: float = typer.Option(1.0, "--beta", help="β of the sequential solve"),
     layers: Optional[str] = typer.Option(None, "--layers", help="edited layers, e.g. 0,1,2 (default: preset's)"),
     value_batch_size: int = typer.Option(16, "--value-batch-size"),
+    latent_steps: Optional[int] = typer.Option(None, "--latent-steps",
+                                               help="--visual: denoising steps of the source images (default: the preset's)"),
     device: Optional[str] = DeviceOpt,
 ):
     """Edit the model with a file of facts: one new batch, solved so earlier batches stay intact."""
+    if latent_steps is not None and latent_steps < 1:
+        raise OptionError(f"--latent-steps must be at least 1, got {latent_steps}")
     folder = store_dir(store, preset)
     existing = open_store(folder, preset, missing_ok=True)
     opts = check_edit_options(
@@ -501,7 +505,8 @@ def edit(
             file, folder, opts, requests, method=method, source=source, seed=seed,
             name=name, coco=coco, corpus_size=corpus_size, corpus_seed=corpus_seed,
             projector_mode=projector_mode, projector_value=projector_value, ner=ner, steps=steps, lr=lr,
-            alpha=alpha, visual=visual, beta=beta, value_batch_size=value_batch_size, device=device)
+            alpha=alpha, visual=visual, beta=beta, value_batch_size=value_batch_size, device=device,
+            latent_steps=latent_steps)
     except BaseException:
         if new_folder and not _holds_batches(folder):  # a failed first edit leaves no store
             shutil.rmtree(folder, ignore_errors=True)
@@ -526,7 +531,8 @@ def _holds_batches(folder: Path) -> bool:
 def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest], *, method: str,
           source: Optional[str], seed: int, name: Optional[str], coco: Path, corpus_size: int,
           corpus_seed: int, projector_mode: str, projector_value: float, ner: str, steps: int, lr: float,
-          alpha: float, visual: bool, beta: float, value_batch_size: int, device: Optional[str]):
+          alpha: float, visual: bool, beta: float, value_batch_size: int, device: Optional[str],
+          latent_steps: Optional[int] = None):
     """The model work of ``edit``, after every option and the file were checked."""
     from t2iedit.values import (DEFAULT_WEIGHTING, PAPER_LAMBDA, VisualInputs, compute_target_values,
                                 concat_results, ddpm_scheduler_for, generate_source_latents, weighted_config)
@@ -555,7 +561,7 @@ def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest
             with stage(bar, "source images for the visual loss"):
                 latents = generate_source_latents(session.pipe, [r.edit_id for r in requests],
                                                   [r.source for r in requests], seed=0,
-                                                  num_inference_steps=p.num_inference_steps)
+                                                  num_inference_steps=latent_steps or p.num_inference_steps)
                 vis = VisualInputs(session.pipe.unet, ddpm_scheduler_for(session.pipe), latents)
         parts = []
         chunks = [requests[i:i + value_batch_size] for i in range(0, len(requests), value_batch_size)]
@@ -722,6 +728,8 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="denoising steps (default: the preset's)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale (default: the preset's)"),
     unedited: bool = typer.Option(False, "--unedited", help="generate with the base model (for comparison)"),
+    height: Optional[int] = typer.Option(None, "--height", help="pixels, multiple of 8 (default: the model's own)"),
+    width: Optional[int] = typer.Option(None, "--width", help="pixels, multiple of 8 (default: the model's own)"),
     store: Optional[Path] = StoreOpt,
     preset: Optional[str] = PresetOpt,
     source: Optional[str] = SourceOpt,
@@ -732,17 +740,23 @@ def generate(
         raise OptionError(f"--steps must be at least 1, got {steps}")
     if guidance is not None and guidance < 0:
         raise OptionError(f"--guidance must be 0 or more, got {guidance}")
+    for name, v in (("--height", height), ("--width", width)):
+        if v is not None and (v < 8 or v % 8):
+            raise OptionError(f"{name} must be a positive multiple of 8, got {v}")
     with progress() as bar:
         with stage(bar, "loading model"):
             session = open_session(store, preset, source, device=device)
         p = get_preset(session.preset)
+        side = session.pipe.unet.config.sample_size  # the model's own size (t2iedit.models.native_size)
+        native = (side * session.pipe.vae_scale_factor,) * 2 if isinstance(side, int) else \
+            tuple(x * session.pipe.vae_scale_factor for x in side)
         with stage(bar, f"generating {prompt!r}"):
             ctx = session.editor.at_base() if unedited else contextlib.nullcontext()
             gen = torch.Generator(device="cpu").manual_seed(seed)
             with ctx:
                 image = session.pipe(prompt, generator=gen, num_inference_steps=steps or p.num_inference_steps,
                                      guidance_scale=p.guidance_scale if guidance is None else guidance,
-                                     height=p.resolution, width=p.resolution).images[0]
+                                     height=height or native[0], width=width or native[1]).images[0]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image.save(out_path)

@@ -117,6 +117,13 @@ def test_generate_is_seeded_and_uses_the_edits(store, tmp_path):
     assert a.shape == (32, 32, 3)
     assert np.array_equal(a, b)
     assert not np.array_equal(a, base)
+    # --height/--width (issue 16 item 1; default: the model's own 32 x 32)
+    result, text = run("generate", "a dog", "--steps", "1", "--height", "16", "--width", "24",
+                       "--out", tmp_path / "small.png", "--store", store)
+    assert result.exit_code == 0, text
+    assert np.asarray(Image.open(tmp_path / "small.png")).shape == (16, 24, 3)
+    result, text = run("generate", "a dog", "--height", "12", "--out", tmp_path / "bad.png", "--store", store)
+    assert result.exit_code != 0 and "--height must be a positive multiple of 8" in text
 
 
 def test_revert_then_list(store, tmp_path):
