@@ -21,11 +21,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory, prefect_harness) -> Path:
+def default_run(tmp_path_factory, request) -> Path:
     if os.environ.get("T2IEDIT_DEFAULT_RUN"):
         return Path(os.environ["T2IEDIT_DEFAULT_RUN"])
+    harness = request.getfixturevalue("prefect_harness")
     root = copy_worktree(tmp_path_factory.mktemp("default") / "repo")
-    sh([str(BIN / "dvc"), "repro"], root, stage_env(prefect_harness, tmp_path_factory.mktemp("cache")),
+    sh([str(BIN / "dvc"), "repro"], root, stage_env(harness, tmp_path_factory.mktemp("cache")),
        timeout=7200)
     return root
 
