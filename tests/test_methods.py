@@ -248,7 +248,7 @@ def test_ours_without_projector_equals_memit_solve_with_lambda_c0_identity(tiny_
 
 
 def test_registry_configs_and_every_method_round_trips(tiny_pipe, adapter, stats, tmp_path):
-    assert set(METHODS) == {"ours", "oracle", "time", "refact", "emcid", "ours-no-projector",
+    assert set(METHODS) == {"unedited", "ours", "oracle", "time", "refact", "emcid", "ours-no-projector",
                             "ours-no-eata", "ours-no-visual", "ours-entity-keys"}
     assert build_config(get_method("ours-no-eata")).values.alpha == 0.0
     assert build_config(get_method("ours-entity-keys")).entity_keys == "preserve"
@@ -259,9 +259,10 @@ def test_registry_configs_and_every_method_round_trips(tiny_pipe, adapter, stats
     with pytest.raises(ValueError, match="unknown keys"):
         build_config(get_method("time"), {"lamb": 0.1})
     assert get_method("oracle").oracle_prompts and not get_method("ours").oracle_prompts
+    assert not get_method("unedited").oracle_prompts  # the paper's Oracle row: the test prompts
 
     comps = _components(tiny_pipe, adapter)
-    params = {"time": {}, "refact": {"layer": LAYER, "max_steps": 3}, "oracle": {},
+    params = {"time": {}, "refact": {"layer": LAYER, "max_steps": 3}, "oracle": {}, "unedited": {},
               "ours-no-eata": {"values": FAST_VALUES}}
     components = {"text_encoder": tiny_pipe.text_encoder, "unet": tiny_pipe.unet}
     before = {c: _weights(m) for c, m in components.items()}
@@ -269,7 +270,7 @@ def test_registry_configs_and_every_method_round_trips(tiny_pipe, adapter, stats
         art = compute_edit(name, TIMED, stats, comps, p)
         assert art.manifest.method == name and art.manifest.n_edits == 2
         prefixes = {k.split(":")[0] for k in art.deltas}
-        assert prefixes == {"time": {"unet"}, "oracle": set()}.get(name, {"text_encoder"})
+        assert prefixes == {"time": {"unet"}, "oracle": set(), "unedited": set()}.get(name, {"text_encoder"})
         loaded = type(art).load(art.save(tmp_path / name))
         applied = apply_edit(components, loaded, "tiny", None)
         revert_edit(components, applied)

@@ -5,6 +5,8 @@ main run's source latents and unedited images are reused with identical results.
 
 from __future__ import annotations
 
+import shutil
+
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +37,9 @@ def _tiny_dataset(folder: Path) -> None:
     # what the metrics stage leaves with metrics.thresholds: shipped (CAKE's TIMED thresholds)
     write_parquet(folder / "data/eval/metrics/thresholds/eval_prompts.parquet", ep, EVAL_PROMPTS_SCHEMA)
     caps = pd.read_csv(ROOT / "data/raw/coco/coco_30k.csv", usecols=["prompt"], nrows=300)
+    # compare's text-space part reads held-out captions from the raw COCO file, as in the repo
+    (folder / "data/raw/coco").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "data/raw/coco/coco_30k.csv", folder / "data/raw/coco/coco_30k.csv")
     from t2iedit.edit_data import CORPUS_SCHEMA
 
     write_parquet(folder / "data/processed/corpus/corpus.parquet",

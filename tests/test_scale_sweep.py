@@ -65,8 +65,9 @@ def test_write_sweep_plots_each_test_and_refuses_an_empty_sweep(tmp_path):
     show = [{**rev("main", "a" * 40, "2026-01-01T00:00:00", 5),
              "experiments": [{"name": "s", "revs": [rev("s", "b" * 40, "2026-01-02T00:00:00", 50)]}]}]
     paths = sweep.write_sweep(sweep.sweep_table(show), tmp_path / "out")
-    assert [p.name for p in paths] == ["metric_vs_edits.csv", "metric_vs_edits_binary.png",
-                                       "metric_vs_edits_threshold.png"]
+    # the threshold test is the headline (issue 14 item 2): its plot comes first
+    assert [p.name for p in paths] == ["metric_vs_edits.csv", "metric_vs_edits_threshold.png",
+                                       "metric_vs_edits_binary.png"]
     assert Image.open(paths[1]).size[0] > 100
     data = pd.read_csv(paths[0])
     assert sorted(set(data["n_edits"])) == [5, 50]
