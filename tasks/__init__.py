@@ -20,3 +20,7 @@ def set_prefect_env_defaults() -> None:
 
 
 set_prefect_env_defaults()
+
+from t2iedit.library_warnings import silence_known_warnings  # noqa: E402  (before diffusers logs them)
+
+silence_known_warnings()

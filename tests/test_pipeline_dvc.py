@@ -189,7 +189,9 @@ def project_imports(module: str) -> set[Path]:
 
 
 # Top-level package markers: no code that changes a result (tasks/ and flows/ set Prefect env defaults).
-NOT_DEPS = {Path("t2iedit/__init__.py"), Path("tasks/__init__.py"), Path("flows/__init__.py")}
+# Package inits (environment defaults) and the log filter they install change no result.
+NOT_DEPS = {Path("t2iedit/__init__.py"), Path("tasks/__init__.py"), Path("flows/__init__.py"),
+            Path("t2iedit/library_warnings.py")}
 
 
 def _covered(path: Path, deps: list[str]) -> bool:
