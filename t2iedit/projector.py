@@ -149,9 +149,25 @@ def projector_from_eigh(eigenvalues: torch.Tensor, U: torch.Tensor, mode: Mode =
     else:
         threshold = float(value) if mode == "absolute" else float(value) * float(eigenvalues[-1])
         null_rank = int((eigenvalues < threshold).sum())
-    U_null = U[:, :null_rank]  # (d, r)
-    P = U_null @ U_null.T  # (d, d)
-    P = (P + P.T) / 2
+    P = null_space_from_eigenvectors(U, null_rank)
     return NullSpaceProjector(P=P, eigenvalues=eigenvalues, null_rank=null_rank, mode=mode,
                               value=float(value), threshold=threshold)
 
+
+
+def null_space_from_eigenvectors(U: torch.Tensor, null_rank: int) -> torch.Tensor:
+    """``P = U_null U_nullᵀ`` (d, d), ``U_null`` the first ``null_rank`` columns of the orthogonal ``U``.
+
+    When the null space is the larger part (the usual case: thousands of null directions of 3,072), the
+    complement ``I − U_keep U_keepᵀ`` over the ``d − null_rank`` other columns is the same projector
+    (``U Uᵀ = I``) for a fraction of the product's cost: at d = 3,072 and rank 2,657 a 415-column
+    product instead of a 2,657-column one, 6× fewer flops per layer. Both agree to rounding (~1e-15).
+    """
+    d = U.shape[0]
+    if 2 * null_rank <= d:
+        U_null = U[:, :null_rank]  # (d, r)
+        P = U_null @ U_null.T  # (d, d)
+    else:
+        U_keep = U[:, null_rank:]  # (d, d − r)
+        P = torch.eye(d, dtype=U.dtype) - U_keep @ U_keep.T  # (d, d)
+    return (P + P.T) / 2

@@ -138,3 +138,18 @@ def test_null_rule_is_the_presets_calibrated_one():
         resolve_rule(ProjectorParams(mode="energy"), "tiny")
     with pytest.raises(KeyError, match="no calibrated projector rule"):
         resolve_rule(ProjectorParams(), "other")
+
+
+@pytest.mark.parametrize("null_rank", [0, 5, 16, 17, 27, 32])
+def test_null_space_from_eigenvectors_either_side_is_the_same_projector(null_rank):
+    """The complement form (null space the larger part) equals the direct ``U_null U_nullᵀ``."""
+    from t2iedit.projector import eigh_moment, null_space_from_eigenvectors
+
+    _, U = eigh_moment(_moment(200, 32))
+    U_null = U[:, :null_rank]
+    P = null_space_from_eigenvectors(U, null_rank)
+    assert torch.equal(P, P.T)
+    torch.testing.assert_close(P, U_null @ U_null.T, atol=1e-13, rtol=0)
+    torch.testing.assert_close(P @ P, P, atol=1e-12, rtol=0)
+    torch.testing.assert_close(P @ U[:, null_rank:], torch.zeros(32, 32 - null_rank, dtype=torch.float64),
+                               atol=1e-13, rtol=0)
