@@ -153,6 +153,11 @@ def with_runner(flow: Flow, params_file: str | Path = PARAMS_FILE) -> Flow:
 def run_stage(flow: Flow, params_file: str | Path = PARAMS_FILE, **kwargs: Any) -> Any:
     """Entry point of ``python -m flows.<stage>``: run the flow with the configured task runner.
 
-    An exception in the flow propagates, so the process exits non-zero and DVC marks the stage failed.
+    Without a configured Prefect API the stage reports to the local server it shares with the other
+    stages (``flows.shared_server``: one start-up per ``dvc repro``, not one per stage). An exception in
+    the flow propagates, so the process exits non-zero and DVC marks the stage failed.
     """
-    return with_runner(flow, params_file)(params_file=str(params_file), **kwargs)
+    from flows.shared_server import shared_api
+
+    with shared_api():
+        return with_runner(flow, params_file)(params_file=str(params_file), **kwargs)

@@ -10,14 +10,16 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: the data-only stages never load it
+    import torch
 
 
 @contextlib.contextmanager
@@ -61,7 +63,8 @@ def read_json(path: str | os.PathLike) -> Any:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    torch_ = sys.modules.get("torch")  # a tensor exists only if torch was imported
+    if torch_ is not None and isinstance(obj, torch_.Tensor):
         return obj.tolist()
     if hasattr(obj, "item"):
         return obj.item()
@@ -71,6 +74,8 @@ def _json_default(obj: Any) -> Any:
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  meta: Mapping[str, Any] | None = None) -> Path:
     """Save tensors as safetensors plus ``<path>.json`` (shapes, dtypes and ``meta``); both atomic."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -89,6 +94,8 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 

@@ -191,7 +191,8 @@ def project_imports(module: str) -> set[Path]:
 # Top-level package markers: no code that changes a result (tasks/ and flows/ set Prefect env defaults).
 # Package inits (environment defaults) and the log filter they install change no result.
 NOT_DEPS = {Path("t2iedit/__init__.py"), Path("tasks/__init__.py"), Path("flows/__init__.py"),
-            Path("t2iedit/library_warnings.py")}
+            Path("t2iedit/library_warnings.py"),
+            Path("flows/shared_server.py")}  # which Prefect server a stage reports to: never a result
 
 
 def _covered(path: Path, deps: list[str]) -> bool:

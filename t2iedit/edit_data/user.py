@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import CLIPTokenizer
 
 from t2iedit.edit_data.conflicts import flag_other_sources
 from t2iedit.edit_data.schema import EditSet, DatasetError, edits_table, eval_prompts_table, norm_text
@@ -26,6 +25,7 @@ TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "clip-tokeni
 
 def default_tokenizer() -> Any:
     """The vendored CLIP tokenizer (SD v1.x), loaded offline."""
+    from transformers import CLIPTokenizer  # here: importing transformers costs seconds per stage
 
     return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
