@@ -7,7 +7,9 @@ metrics stage (``metrics.clip``, ``metrics.clip_revision``, ``metrics.sigma``), 
 ``statistics`` and ``projector`` (C0 and P per layer: every method edits against the main run's
 preserved statistics; ``projector.mode``/``value`` set P), ``metrics`` (the evaluation prompts with the
 thresholds of the headline test, data/eval/metrics/thresholds: shipped, or recomputed for this judge)
-and — reused, never changing a number — ``values``' source latents and ``generate``'s unedited images;
+and — reused, never changing a number — ``values``' source latents, ``generate``'s images and, for a
+method whose resolved config is the main run's ``values``/``edit`` params (params.yaml ``values``,
+``edit``), ``edit``'s artifact (data/edit/artifact) with all of its images;
 writes data/compare/{edits/<method>/, eval/<method>/, images/, table/{table.md, table.parquet,
 table.png, metrics.json}}. The table's first row is the paper's Oracle, ``unedited`` ("Oracle
 (unedited)": the unedited model on the test prompts); the threshold test is the headline table.
@@ -29,8 +31,10 @@ from flows.metrics import THRESHOLDS_DIR, MetricsParams, judge_id, judge_source
 from flows.reporting import logger, markdown_artifact
 from flows.stage import PARAMS_FILE, StageParams, generate_hw, load_params, run_stage, read_params
 from t2iedit.methods import METHODS, build_config, get_method
+from t2iedit.methods.compare import main_run_config, shares_main_edit
 from t2iedit.methods.per_dataset import edits_dataset, method_params
-from t2iedit.models import PRESETS
+from t2iedit.edit import EditArtifact
+from t2iedit.models import PRESETS, resolve_dtype
 from tasks.fingerprints import fingerprint
 from tasks.compare import SUMMARY, TABLE_MD, edit_method, evaluate_method, write_table
 from tasks.model import image_size, locked_model
@@ -43,6 +47,7 @@ MODELS_DIR = Path("data/models")
 THRESHOLD_PROMPTS = THRESHOLDS_DIR / "eval_prompts.parquet"  # the metrics stage's headline thresholds
 LATENTS = Path("data/values/latents")   # the main run's source latents (values stage)
 MAIN_IMAGES = Path("data/eval/images")  # the main run's images (generate stage)
+MAIN_EDIT = Path("data/edit/artifact")  # the main run's edit (edit stage), compare's ours when the same
 OUT = Path("data/compare")
 LIB = ["t2iedit.methods", "t2iedit.methods.base", "t2iedit.methods.ours", "t2iedit.methods.emcid",
        "t2iedit.methods.time_crossattn", "t2iedit.methods.refact", "t2iedit.methods.oracle",
@@ -63,7 +68,7 @@ class CompareParams(StageParams):
     method_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     sampling: SamplingParams = SamplingParams()
-    reuse_main: bool = True  # the main run's source latents and unedited images (no number changes)
+    reuse_main: bool = True  # the main run's source latents, images and edit where equal (no number changes)
     batch_size: int = Field(default=8, ge=1)
 
     @field_validator("methods")
@@ -82,6 +87,17 @@ def sampling_config(p: CompareParams, preset: str, size: tuple[int, int] | None 
     return {"num_inference_steps": p.sampling.num_inference_steps or pre.num_inference_steps,
             "guidance_scale": p.sampling.guidance_scale or pre.guidance_scale,
             "height": height, "width": width}
+
+
+def main_edit_config(params_file: str, preset: str):
+    """The ``OursConfig`` of the main run's edit (params.yaml ``values`` and ``edit``, validated as their
+    stages do; ``t2iedit.methods.compare.main_run_config``)."""
+    from flows.edit import EditParams
+    from flows.values import ValuesParams
+
+    data = read_params(params_file)
+    return main_run_config(ValuesParams.model_validate(data.get("values") or {}).model_dump(mode="json"),
+                           EditParams.model_validate(data.get("edit") or {}).model_dump(mode="json"), preset)
 
 
 @flow(name="compare")
@@ -108,24 +124,38 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     mparams = {name: method_params(name, dataset, model.preset, p.method_params.get(name)) for name in p.methods}
     for name in p.methods:
         build_config(get_method(name), mparams[name])  # fails before any model work
+    # images run in model.dtype (the images' model identity, tasks.evaluate.images_key); float32 adds nothing
+    eff = resolve_dtype(model.dtype)
+    eval_id = {**model_id, **({"dtype": eff} if eff != "float32" else {})}
+    main_cfg = (main_edit_config(params_file, model.preset)
+                if p.reuse_main and (MAIN_EDIT / "manifest.json").is_file() else None)
     summaries, artifacts = {}, {}
+    # every edit first (they share one unedited float32 pipeline), then every evaluation, those of the
+    # unedited model first: one pipeline load per process and (model, edit, dtype)
+    for name in p.methods:
+        if shares_main_edit(get_method(name), build_config(get_method(name), mparams[name]), main_cfg,
+                            model.preset):
+            artifacts[name] = MAIN_EDIT  # the same computation as the main run's values + edit stages
+            logger().info("compare: %s is the main run's edit (%s)", name, MAIN_EDIT)
+            continue
+        edit_fp = fingerprint(f"compare/edit/{name}", mparams[name],
+                              inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
+        artifacts[name] = edit_method(out / "edits" / name, edit_fp, name, mparams[name],
+                                      model, edits, ENTITIES, MOMENTS, PROJECTORS, latents)
     with tempfile.TemporaryDirectory(prefix="t2iedit-clip-") as scratch:
         clip_source = judge_source(m.clip, Path(scratch))
-        for name in p.methods:
-            edit_fp = fingerprint(f"compare/edit/{name}", mparams[name],
-                                  inputs=[edits, ENTITIES, MOMENTS, PROJECTORS], code=LIB, extra=model_id)
-            art = edit_method(out / "edits" / name, edit_fp, name, mparams[name],
-                              model, edits, ENTITIES, MOMENTS, PROJECTORS, latents)
+        for name in sorted(p.methods, key=lambda n: bool(EditArtifact.load(artifacts[n]).deltas)):
+            art = artifacts[name]
             eval_fp = fingerprint(f"compare/eval/{name}", {"seeds": p.seeds, "sampling": sampling,
                                                            "clip": [judge_id(m.clip), m.clip_revision],
                                                            "sigma": m.sigma},
-                                  inputs=[art, THRESHOLD_PROMPTS], code=EVAL_LIB, extra=model_id)
+                                  inputs=[art, THRESHOLD_PROMPTS], code=EVAL_LIB, extra=eval_id)
             ev = evaluate_method(out / "eval" / name, eval_fp, name, model, art, THRESHOLD_PROMPTS,
                                  out / "images", p.seeds, sampling, clip_source, m.clip_revision,
                                  p.batch_size, m.sigma, shared_images)
             summaries[name] = ev / SUMMARY
-            artifacts[name] = art
             logger().info("compare: %s done (%s)", name, ev)
+    summaries = {name: summaries[name] for name in p.methods}
     note = (f"Headline table: the threshold test (the metrics stage's thresholds, {THRESHOLD_PROMPTS}; judge "
             f"{m.clip}). Second table: the two-class CLIP test. Oracle (unedited) = the unedited model on "
             "the test prompts.")

@@ -8,10 +8,11 @@ paper protocol; ``-S``: further dotted overrides, YAML values) and the dataset f
 and prints, per stage and method, the images, the per-image UNet forwards (``sample_forwards``:
 images × steps × 2 under classifier-free guidance, plus the visual loss's forwards of the value
 optimisation) and the batched UNet calls — counted with ``t2iedit.protocol``, the functions the
-generate stage builds its work list with. Two columns: ``today`` without any sharing (compare
-regenerates the unedited/oracle images and every visual method's source latents: the state issue 16
-measured, 8.45 M sample-forwards for the CAKE protocol) and ``shared`` with the reuse compare now does
-(the main run's unedited/oracle images and source latents where the settings match).
+generate stage builds its work list with. Two columns: ``today`` without any sharing (every method
+generates all of its (text, seed) pairs, compare regenerates the unedited/oracle images and every
+visual method's source latents: the state issue 16 measured, 8.45 M sample-forwards for the CAKE
+protocol) and ``shared``: what the stages generate now, each distinct (model, text, seed, sampling)
+image once (:func:`plan`).
 """
 
 from __future__ import annotations
@@ -66,31 +67,50 @@ def dataset(s: dict[str, Any]):
     return singles, ep
 
 
-def plan(s: dict[str, Any], share: bool) -> list[dict[str, Any]]:
-    """Rows ``{stage, method, images, sample_forwards, unet_calls}`` of the params set ``s`` (dotted keys)."""
+def main_config(s: dict[str, Any]):
+    """``t2iedit.methods.compare.main_run_config`` of the params set's ``values`` / ``edit`` sections,
+    validated (and defaulted) as the values and edit stages validate them."""
+    from flows.edit import EditParams
+    from flows.values import ValuesParams
+    from t2iedit.methods.compare import main_run_config
+
+    section = lambda name: {k.partition(".")[2]: v for k, v in s.items() if k.startswith(name + ".")}  # noqa: E731
+    return main_run_config(ValuesParams(**section("values")).model_dump(mode="json"),
+                           EditParams(**section("edit")).model_dump(mode="json"), s.get("model.preset", "tiny"))
+
+
+def plan(s: dict[str, Any], share: bool, data=None) -> list[dict[str, Any]]:
+    """Rows ``{stage, method, images, sample_forwards, unet_calls}`` of the params set ``s`` (dotted keys).
+
+    ``share`` False: every method generates all of its own (text, seed) pairs (the state issue 16
+    measured); True: what the stages generate — each distinct (model, text, seed, sampling) image once
+    (``t2iedit.protocol.Ledger``: generate's oracle/reference images that are unedited images already,
+    compare's images the main run or an earlier compared method of the same model holds, compare's
+    ``ours`` = the main run's edit when its resolved config is the main run's). ``data``: (single edits,
+    evaluation prompts) instead of the dataset files of ``datasets.name``."""
     from t2iedit.methods import build_config, get_method
+    from t2iedit.methods.compare import shares_main_edit
     from t2iedit.models import get_preset
 
     pre = get_preset(s.get("model.preset", "tiny"))
-    singles, ep = dataset(s)
+    singles, ep = data if data is not None else dataset(s)
     n_edits = len(singles)
     steps = s.get("generate.num_inference_steps") or pre.num_inference_steps
     guidance = s.get("generate.guidance_scale", pre.guidance_scale)
     gbatch = int(s.get("generate.batch_size", 8))
     rows: list[dict[str, Any]] = []
+    ledger = protocol.Ledger()
 
     def gen(stage: str, method: str, n: int, st: int = steps, g: float = guidance, batch: int = gbatch):
         rows.append({"stage": stage, "method": method, "images": n,
                      "sample_forwards": protocol.sample_forwards(n, st, g),
                      "unet_calls": protocol.unet_calls(n, st, batch)})
 
-    main_items: set = set()
     ref_images = int(s.get("generate.reference_images", protocol.CAKE_REFERENCE_IMAGES))
     for m in s.get("generate.methods", ["edited", "unedited", "oracle"]):
         items = protocol.generation_items(ep, m, s.get("generate.seeds", [0]), ref_images)
-        gen("generate", m, len(items))
-        if m in ("unedited", "oracle"):
-            main_items |= set(items)
+        new = ledger.new("main", protocol.MODEL_IDENTITY[m], (steps, guidance), items)
+        gen("generate", m, len(new) if share else len(items))
     visual_main = float(s.get("values.lambda_visual", 0.01)) > 0
     latent_steps = s.get("values.latent_steps") or pre.num_inference_steps
     n_lat = n_edits * int(s.get("values.latent_images", 1))
@@ -104,15 +124,17 @@ def plan(s: dict[str, Any], share: bool) -> list[dict[str, Any]]:
     csamp = s.get("compare.sampling") or {}
     csteps = csamp.get("num_inference_steps") or pre.num_inference_steps
     cguid = csamp.get("guidance_scale") or pre.guidance_scale
-    same_sampling = csteps == steps and cguid == guidance
     cbatch = int(s.get("compare.batch_size", 8))
+    reuse = share and s.get("compare.reuse_main", True)
+    main_cfg = main_config(s) if reuse else None
     for name in s.get("compare.methods", []):
         method = get_method(name)
         config = build_config(method, (s.get("compare.method_params") or {}).get(name))
+        main_edit = reuse and shares_main_edit(method, config, main_cfg, pre.name)
         values = getattr(config, "values", None)
-        if values is not None and values.lambda_visual > 0:
+        if values is not None and values.lambda_visual > 0 and not main_edit:
             lsteps = getattr(config, "latent_steps", None) or pre.num_inference_steps
-            main_latents = (share and visual_main and getattr(config, "latent_seed", 0) == s.get("values.seed", 0)
+            main_latents = (reuse and visual_main and getattr(config, "latent_seed", 0) == s.get("values.seed", 0)
                             and getattr(config, "latent_images", 1) == int(s.get("values.latent_images", 1))
                             and lsteps == latent_steps)
             if not main_latents:
@@ -125,10 +147,9 @@ def plan(s: dict[str, Any], share: bool) -> list[dict[str, Any]]:
                          "unet_calls": protocol.value_calls(vb, values.steps, True)})
         items = protocol.generation_items(ep, "oracle" if getattr(method, "oracle_prompts", False) else "edited",
                                           s.get("compare.seeds", [0]))
-        no_edit = name in ("unedited", "oracle")
-        n = (sum(1 for it in items if it not in main_items) if share and no_edit and same_sampling
-             else len(items))
-        gen("compare/generate", name, n, st=csteps, g=cguid, batch=cbatch)
+        identity = "edited" if main_edit else "unedited" if name in ("unedited", "oracle") else f"compare:{name}"
+        new = ledger.new("compare", identity, (csteps, cguid), items, also=("main",) if reuse else ())
+        gen("compare/generate", name, len(new) if share else len(items), st=csteps, g=cguid, batch=cbatch)
     if s.get("fid.n_captions"):
         fs = s.get("fid.sampling") or {}
         gen("fid", s.get("fid.method", "edited"), int(s["fid.n_captions"]),

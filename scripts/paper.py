@@ -3,7 +3,7 @@
 ``python scripts/paper.py TABLE --dry-run`` prints every parameter the table is run with, the
 per-dataset baseline settings, and the images and UNet evaluations per stage and method — counted by
 ``t2iedit.methods.compare.count_work`` with ``t2iedit.protocol`` (whose ``generation_items`` the generate
-stage builds its work list with) from the dataset
+stage builds its work list with; each distinct image once, ``protocol.Ledger``) from the dataset
 files alone: no model is loaded. ``--dvc-args`` prints the ``dvc exp run -S`` arguments, one per line.
 
 TABLE: ``timed`` | ``road`` (the paper's Table 2) | ``cake`` (Table 3). The settings (METHOD.md §8):
@@ -46,7 +46,10 @@ def settings(table: str, coco_images: str | None = None, inception_weights: str 
         "generate.methods": ["edited", "unedited", "oracle"], "generate.seeds": SEEDS,
         "generate.num_inference_steps": None, "generate.guidance_scale": SD_GUIDANCE,
         "metrics.thresholds": "shipped", "metrics.sigma": "2sigma", "metrics.clip": BIGG,
-        "compare.methods": COMPARE_METHODS, "compare.seeds": SEEDS, "compare.method_params": {},
+        "compare.methods": COMPARE_METHODS, "compare.seeds": SEEDS,
+        # compare's ours optimises its values in the values stage's batches (values.batch_size 32; the
+        # method's own default is 16): it is then the main run's edit, whose images compare reuses
+        "compare.method_params": {"ours": {"value_batch_size": 32}},
         "compare.sampling": {"num_inference_steps": None, "guidance_scale": None}, "compare.reuse_main": True,
         "fid.method": "edited", "fid.n_captions": 5000, "fid.clip_score_model": BIGG,
         "fid.sampling": {"num_inference_steps": None, "guidance_scale": SD_GUIDANCE},
@@ -72,10 +75,13 @@ def dataset(table: str, split: str = "test"):
 
 def plan(table: str, s: dict[str, Any]) -> dict[str, Any]:
     """Images and UNet evaluations per stage and method (:func:`t2iedit.methods.compare.count_work`)."""
+    from flows.plan import flat, main_config
+    from flows.stage import read_params
     from t2iedit.methods.compare import count_work
 
     edits, ep = dataset(table, s["datasets.split"])
-    return count_work(edits, ep, s, default_steps=SD_STEPS)
+    full = {**flat(read_params(str(REPO / "params.yaml"))), **s}  # dvc exp run -S overlays params.yaml
+    return count_work(edits, ep, s, default_steps=SD_STEPS, main_config=main_config(full), preset="sd-v1-4")
 
 
 def dataset_defaults(table: str) -> dict[str, Any] | None:

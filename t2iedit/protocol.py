@@ -19,6 +19,13 @@ UNet evaluations: a diffusers ``StableDiffusionPipeline`` call runs the UNet onc
 on the whole batch, doubled in the batch dimension under classifier-free guidance
 (``guidance_scale > 1``). ``sample_forwards`` counts per-image UNet forwards (images × steps × 2);
 ``unet_calls`` counts the batched calls (⌈images / batch⌉ × steps).
+
+Work done once (issue 16 item 3): an image is keyed by (model identity — the weights, the applied
+edit and the dtype —, text, seed, sampling, size), so every distinct key is generated once and each
+method's index points at the shared file. :data:`MODEL_IDENTITY` says which generate methods are the
+same model (``unedited``, ``oracle`` and ``reference`` are all the unedited model: an oracle prompt equal
+to its prompt, or an evaluation text equal to a prompt at the same seed, is the unedited image);
+:class:`Ledger` counts what a run really generates, in the order the stages run.
 """
 
 from __future__ import annotations
@@ -59,6 +66,32 @@ def generation_items(eval_prompts: pd.DataFrame, method: str, seeds: Sequence[in
     and seed, so duplicate texts are generated once)."""
     texts = method_texts(eval_prompts, method)
     return list(dict.fromkeys((t, s) for t in texts for s in method_seeds(method, seeds, reference_images)))
+
+
+MODEL_IDENTITY = {"edited": "edited", "unedited": "unedited", "oracle": "unedited", "reference": "unedited"}
+
+
+class Ledger:
+    """The images a run already holds, per image folder: ``(identity, sampling, text, seed)`` keys.
+
+    :meth:`new` returns the items of a request that are not yet in ``root`` (nor in the folders in
+    ``also``, which the stage links from: compare's ``reuse_main``) and records them as generated —
+    the content-addressed image cache (``t2iedit.generate``) generates exactly these."""
+
+    def __init__(self) -> None:
+        self.done: dict[str, set] = {}
+
+    def new(self, root: str, identity: str, sampling: tuple, items: Iterable[tuple[str, int]],
+            also: Sequence[str] = ()) -> list[tuple[str, int]]:
+        have = self.done.setdefault(root, set())
+        seen = [self.done.get(r, set()) for r in also]
+        out = []
+        for text, seed in dict.fromkeys(items):
+            key = (identity, sampling, text, int(seed))
+            if key not in have and not any(key in s for s in seen):
+                out.append((text, seed))
+            have.add(key)
+        return out
 
 
 def cfg_factor(guidance_scale: float) -> int:

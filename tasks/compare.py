@@ -5,8 +5,13 @@ inside.
 Work done once (issue 16): every method edits against the main run's C0, projectors and entity spans;
 methods with the visual loss use the main run's source latents (data/values/latents) when their latent
 settings are the main run's; methods that change no weight (``unedited``, ``oracle``) take the main
-run's unedited images (data/eval/images) wherever the same (text, seed, sampling) was generated there.
-Neither changes a number: the shared latents and images are what the method would have generated.
+run's unedited images (data/eval/images) wherever the same (text, seed, sampling) was generated there;
+a method that computes exactly the main run's edit (``t2iedit.methods.compare.shares_main_edit``: its
+resolved config is the main run's values/edit config) is the main run's artifact (data/edit/artifact),
+and all its images are the main run's edited images. None of it changes a number: the shared latents,
+edit and images are what the method would have computed (tests/test_work_sharing.py, byte for byte).
+One pipeline per process and (model, edit, dtype) (``tasks.evaluate.cached_pipeline``): the edits of
+every method share the unedited float32 one; each evaluation loads its edited model once.
 """
 
 from __future__ import annotations
@@ -23,18 +28,19 @@ from prefect import task
 
 from t2iedit import metrics as M
 from t2iedit import plots
-from t2iedit.edit import EditArtifact, edited
-from t2iedit.generate import SamplingConfig, generate_images, image_relpath, write_index
+from t2iedit.edit import EditArtifact
+from t2iedit.generate import SamplingConfig, image_relpath, write_index
 from t2iedit.storage import (load_meta, load_tensors, read_json, read_parquet, write_json, write_parquet,
                              write_text)
 from t2iedit.keys import SecondMoment
 from t2iedit.methods import Components, SharedStats, build_config, compute_edit, get_method
 from t2iedit.methods.compare import COMPARISON_SCHEMA, comparison_table, prompt_column
-from t2iedit.models import PRESETS, TextEncoderAdapter, default_device, load_pipeline
+from t2iedit.models import PRESETS, TextEncoderAdapter
 from t2iedit.projector import NullSpaceProjector
 from t2iedit.values import generate_source_latents
 from tasks.stamps import STAMP_CACHE, run_once
-from tasks.evaluate import SUMMARY, TABLE_MD, clip_encoder, images_key, write_scores
+from tasks.evaluate import (SUMMARY, TABLE_MD, cached_pipeline, clip_encoder, generate_shared, images_key,
+                            write_scores)
 from tasks.model import LockedModel
 from tasks.projector import projector_file
 from tasks.values import edit_requests
@@ -43,13 +49,17 @@ INDEX, TABLE_PARQUET, TABLE_PNG = "index.parquet", "table.parquet", "table.png"
 logger = logging.getLogger(__name__)
 
 
-def load_components(preset: str, source: str, revision: str | None) -> Components:
+def load_components(preset: str, source: str, revision: str | None):
+    """(Components, lock) of the unedited float32 pipeline (value optimisation and key statistics keep
+    the text encoder in float32), the process's :func:`tasks.evaluate.cached_pipeline`: every method's
+    edit of one process shares one load. Hold the lock while a method uses it (every method leaves the
+    models unchanged when it returns, ``t2iedit.methods.base``)."""
     p = PRESETS[preset]
-    pipe = load_pipeline(source, revision).to(default_device())
+    pipe, lock = cached_pipeline(preset, source, revision, None, "float32")
     return Components(pipe=pipe, adapter=TextEncoderAdapter(pipe.text_encoder, p.text_layer_template,
                                                              p.text_block_template),
                       base_model_id=preset, base_revision=revision, edit_layers=p.edit_layers,
-                      value_layer=p.value_layer)
+                      value_layer=p.value_layer), lock
 
 
 def load_stats(moments_dir: Path, projectors_dir: Path) -> SharedStats:
@@ -107,21 +117,23 @@ def edit_method(out: Path, fingerprint: str, method: str, params: dict[str, Any]
     for the visual loss, its source latents (``latents_dir``) where their settings match."""
     def produce(folder: Path) -> None:
         torch.manual_seed(0)  # nothing should draw from the global RNG; pin it anyway
-        comps = load_components(model.preset, model.source, model.revision)
+        comps, lock = load_components(model.preset, model.source, model.revision)
         requests = edit_requests(edits, entities)
         stats = load_stats(moments, projectors)
         want = latent_settings(method, params, model.preset)
-        if want is not None:
-            ids = [r.edit_id for r in requests]
-            stats.source_latents = shared_latents(latents_dir, ids, want)
-            if stats.source_latents is None:
-                logger.info("compare/%s: generating source latents %s", method, want)
-                stats.source_latents = generate_source_latents(
-                    comps.pipe, ids, [r.source for r in requests], seed=want["seed"],
-                    images_per_prompt=want["images"], num_inference_steps=want["steps"])
-            else:
-                logger.info("compare/%s: the main run's source latents", method)
-        compute_edit(method, requests, stats, comps, params).save(folder)
+        with lock:
+            if want is not None:
+                ids = [r.edit_id for r in requests]
+                stats.source_latents = shared_latents(latents_dir, ids, want)
+                if stats.source_latents is None:
+                    logger.info("compare/%s: generating source latents %s", method, want)
+                    stats.source_latents = generate_source_latents(
+                        comps.pipe, ids, [r.source for r in requests], seed=want["seed"],
+                        images_per_prompt=want["images"], num_inference_steps=want["steps"])
+                else:
+                    logger.info("compare/%s: the main run's source latents", method)
+            artifact = compute_edit(method, requests, stats, comps, params)
+        artifact.save(folder)
 
     return run_once(out, fingerprint, produce)
 
@@ -151,9 +163,12 @@ def evaluate_method(out: Path, fingerprint: str, method: str, model: LockedModel
                     shared_images: Path | None = None) -> Path:
     """Generate the method's images (edit applied) and score them: ``out``/per_image.parquet,
     summary.json (``{test: metrics.summarize}``), index.parquet. Images are keyed by the locked
-    weights' and the edit's content (``tasks.evaluate.images_key``; an edit that changes no weight is
-    the unedited model, keyed as such, whose images ``shared_images`` — the main run's — may hold).
-    ``eval_prompts`` carries the thresholds of the headline test (the metrics stage's)."""
+    weights' and the edit's content and the dtype (``tasks.evaluate.images_key``; an edit that changes
+    no weight is the unedited model, keyed as such); every image ``shared_images`` — the main run's —
+    holds under the same key is linked, not generated (the unedited model's images; with ``artifact``
+    the main run's own edit, all of its edited images). The rest is generated by the process's
+    pipeline of (model, edit, ``model.dtype``) (``tasks.evaluate.cached_pipeline``), loaded only if an
+    image is missing. ``eval_prompts`` carries the thresholds of the headline test (the metrics stage's)."""
     def produce(folder: Path) -> None:
         art = EditArtifact.load(artifact)
         ep = read_parquet(eval_prompts).to_pandas()
@@ -161,16 +176,11 @@ def evaluate_method(out: Path, fingerprint: str, method: str, model: LockedModel
         texts = ep[col].fillna(ep["prompt"]) if col != "prompt" else ep["prompt"]
         items = [(t, s) for t in texts for s in seeds]
         config = SamplingConfig(**sampling)
-        mh = images_key(model, artifact if art.deltas else None)
-        shared = share_images(items, image_root, shared_images, mh, config) if not art.deltas else 0
-        if shared == len(dict.fromkeys(items)):  # every image is the main run's: no model needed
-            index = generate_images(None, items, image_root, mh, config, batch_size=batch_size, progress=False)
-        else:
-            comps = load_components(model.preset, model.source, model.revision)
-            parts = {"text_encoder": comps.text_encoder, "unet": comps.unet}
-            with edited(parts, art, model.preset, model.revision):
-                index = generate_images(comps.pipe, items, image_root, mh, config, batch_size=batch_size,
-                                        progress=False)
+        edit = artifact if art.deltas else None
+        mh = images_key(model, edit)
+        shared = share_images(items, image_root, shared_images, mh, config)
+        index = generate_shared(items, image_root, mh, config, batch_size, lambda: cached_pipeline(
+            model.preset, model.source, model.revision, edit, model.dtype))
         logger.info("compare/%s: %d of %d images shared with the main run", method, shared,
                     len(dict.fromkeys(items)))
         index_df = read_parquet(write_index(folder / INDEX, [index])).to_pandas()

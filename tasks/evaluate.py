@@ -17,16 +17,15 @@ from prefect import task
 
 from t2iedit import metrics as M
 from t2iedit import plots
-from t2iedit.generate import (SamplingConfig, generate_images, load_image, model_hash, read_index,
+from t2iedit.generate import (SamplingConfig, generate_images, image_relpath, model_hash, read_index,
                               write_index)
 from t2iedit.storage import read_json, read_parquet, tree_sha256, write_json, write_parquet, write_text
-from t2iedit.models import DTYPES, default_device, load_pipeline, load_text_encoder, resolve_dtype
+from t2iedit.models import DTYPES, default_device, load_pipeline, resolve_dtype
 from tasks.stamps import STAMP_CACHE, run_once
 from tasks.model import LockedModel
 
-PER_IMAGE, SUMMARY, TEXT_SPACE = "per_image.parquet", "summary.json", "text_space.json"
+PER_IMAGE, SUMMARY = "per_image.parquet", "summary.json"
 METRICS_JSON, TABLE_MD, CATEGORIES_CSV = "metrics.json", "table.md", "categories.csv"
-REPORT_MD = "report.md"
 
 
 _CLIP_LOCK = threading.Lock()
@@ -85,18 +84,32 @@ def cached_pipeline(preset: str, source: str, revision: str | None, artifact: Pa
         return _PIPE[key]
 
 
+def generate_shared(items: list[tuple[str, int]], image_root: Path, model_hash: str, config: SamplingConfig,
+                    batch_size: int, pipeline) -> pa.Table:
+    """The index rows of ``items`` under ``image_root``, generating only the images not there yet
+    (each distinct key once, ``t2iedit.protocol.Ledger``); ``pipeline()`` → (pipeline, lock) is
+    called only when one is missing, so a batch of shared images loads no model."""
+    missing = any(not (Path(image_root) / image_relpath(p, s, model_hash, config)).is_file() for p, s in items)
+    if not missing:
+        return generate_images(None, items, image_root, model_hash, config, batch_size=batch_size, progress=False)
+    pipe, lock = pipeline()
+    with lock:
+        return generate_images(pipe, items, image_root, model_hash, config, batch_size=batch_size)
+
+
 @task(cache_policy=STAMP_CACHE)
 def generate_batch(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
                    artifact: Path | None, items: list[tuple[str, int]], image_root: Path,
                    model_hash: str, sampling: dict[str, Any], batch_size: int,
                    dtype: str = "float32") -> Path:
     """Images of one batch of (prompt, seed) under ``image_root``; ``out`` = the batch's index. The
-    pipeline is the process's :func:`cached_pipeline` (loaded by the first batch of a method)."""
+    pipeline is the process's :func:`cached_pipeline` (loaded by the first batch of a method that has
+    an image to generate: a batch whose images an earlier method of the same model already made —
+    oracle prompts equal to the prompts — only writes its index)."""
     def produce(path: Path) -> None:
-        pipe, lock = cached_pipeline(preset, source, revision, artifact, dtype)
-        with lock:
-            index = generate_images(pipe, items, image_root, model_hash, SamplingConfig(**sampling),
-                                    batch_size=batch_size)
+        config = SamplingConfig(**sampling)
+        index = generate_shared(items, image_root, model_hash, config, batch_size,
+                                lambda: cached_pipeline(preset, source, revision, artifact, dtype))
         write_index(path, [index])
 
     return run_once(out, fingerprint, produce)
@@ -194,30 +207,6 @@ def threshold_prompts(out: Path, fingerprint: str, eval_prompts: Path, mode: str
 
 
 @task(cache_policy=STAMP_CACHE)
-def text_space(out: Path, fingerprint: str, preset: str, source: str, revision: str | None,
-               artifact: Path, eval_prompts: Path) -> Path:
-    """Text-space metrics (no images): the edited vs frozen text encoder on the binary class texts."""
-    from t2iedit.edit import EditArtifact, edited
-
-    def produce(path: Path) -> None:
-        ep = read_parquet(eval_prompts).to_pandas()
-        ep = ep[ep["class_original"].notna() & ep["class_edited"].notna()].reset_index(drop=True)
-        if ep.empty:
-            write_json(path, {})
-            return
-        tok, te = load_text_encoder(source, revision)
-        feats = lambda texts: M.eos_features(tok, te, list(texts))  # noqa: E731
-        before, orig, edit = feats(ep["prompt"]), feats(ep["class_original"]), feats(ep["class_edited"])
-        with edited({"text_encoder": te}, EditArtifact.load(artifact), preset, revision):
-            after = feats(ep["prompt"])
-        rows = ep.assign(text_success=M.text_space_success(after, orig, edit, ep["category"].tolist()),
-                         drift=M.feature_drift(before, after))
-        write_json(path, M.summarize_text_space(rows))
-
-    return run_once(out, fingerprint, produce)
-
-
-@task(cache_policy=STAMP_CACHE)
 def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_space: Path | None,
                   title: str, note: str | None = None) -> Path:
     """``out``/metrics.json (for ``dvc metrics``: per method and test, category means and Score),
@@ -245,47 +234,5 @@ def write_metrics(out: Path, fingerprint: str, summaries: dict[str, Path], text_
 
         with atomic_path(folder / CATEGORIES_CSV) as tmp:
             data.to_csv(tmp, index=False)
-
-    return run_once(out, fingerprint, produce)
-
-
-@task(cache_policy=STAMP_CACHE)
-def write_report(out: Path, fingerprint: str, metrics_dir: Path, per_image: dict[str, Path],
-                 eval_prompts: Path, image_root: Path, n_grids: int, title: str) -> Path:
-    """``out``/categories.png (bars per method, the headline threshold test, else the binary test),
-    grids/<edit_id>.png (source prompt and a specificity prompt, unedited (before) vs edited (after))
-    and report.md: the title, ``metrics_dir``'s table.md and the pictures (relative links)."""
-    def produce(folder: Path) -> None:
-        data = pd.read_csv(metrics_dir / CATEGORIES_CSV)
-        test = next(t for t in M.TESTS if (data["test"] == t).any())  # the headline test if present
-        plots.category_bars(data[data["test"] == test], folder / "categories.png", f"{title} ({test})")
-        grids: list[str] = []
-        if "unedited" in per_image and "edited" in per_image:
-            before = read_parquet(per_image["unedited"] / PER_IMAGE).to_pandas()
-            after = read_parquet(per_image["edited"] / PER_IMAGE).to_pandas()
-            ep = read_parquet(eval_prompts).to_pandas()
-            seed = int(before["seed"].min())
-            for edit_id in list(dict.fromkeys(ep["edit_id"]))[:n_grids]:
-                rows = []
-                for cat in ("efficacy", "specificity"):
-                    pick = ep[(ep["edit_id"] == edit_id) & (ep["category"] == cat)]
-                    if pick.empty:
-                        continue
-                    prompt = pick["prompt"].iloc[0]
-                    path = lambda df: df[(df["prompt"] == prompt) & (df["seed"] == seed)]["path"].iloc[0]  # noqa: E731
-                    rows.append((f"{cat}: {prompt}", load_image(image_root, path(before)),
-                                 load_image(image_root, path(after))))
-                if rows:
-                    plots.edit_grid(rows, folder / "grids" / f"{edit_id}.png", title=edit_id)
-                    grids.append(edit_id)
-        table = (metrics_dir / TABLE_MD).read_text(encoding="utf-8").strip()
-        if table.startswith("# "):  # the metrics' own title: the report's replaces it
-            table = table.partition("\n")[2].strip()
-        md = [f"# {title}", "", table, "",
-              f"## Per category ({test} test)", "", f"![categories ({test} test)](categories.png)", ""]
-        if grids:
-            md += ["## Before / after (unedited | edited)", ""]
-            md += [f"### {e}\n\n![{e}](grids/{e}.png)\n" for e in grids]
-        write_text(folder / REPORT_MD, "\n".join(md))
 
     return run_once(out, fingerprint, produce)

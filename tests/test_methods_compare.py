@@ -209,7 +209,7 @@ def test_compare_reuses_the_main_runs_latents_and_unedited_images(tmp_path, monk
     shared_art, shared_rows = run("shared", share=True)
     assert fresh_art.deltas.keys() == shared_art.deltas.keys() and fresh_art.deltas
     assert all(torch.equal(fresh_art.deltas[k], shared_art.deltas[k]) for k in fresh_art.deltas)
-    monkeypatch.setattr(TC, "load_components", fail)  # every unedited image is the main run's: no model
+    monkeypatch.setattr(TC, "cached_pipeline", fail)  # every unedited image is the main run's: no model
     ev = TC.evaluate_method.fn(tmp_path / "again/eval", "fp", "unedited", model, none, prompts,
                                tmp_path / "again/images", [0, 1], sampling, clip, None, 6, "2sigma", main_images)
     pd.testing.assert_frame_equal(shared_rows, fresh_rows)

@@ -55,16 +55,22 @@ def test_dry_run_loads_no_model_and_counts_what_the_pipeline_generates(monkeypat
     # direct count from the dataset file: one image per distinct text and seed, 50 steps x 2 (CFG)
     ep = load_timed(REPO / "data" / "raw").eval_prompts.to_pandas()
     n_prompt = ep["prompt"].nunique() * 5
-    n_oracle = ep["oracle_prompt"].fillna(ep["prompt"]).nunique() * 5
+    oracle = set(ep["oracle_prompt"].fillna(ep["prompt"]))
+    n_oracle = len(oracle) * 5
     assert rows[("generate", "edited")][:2] == (n_prompt, n_prompt * 50 * 2)
-    assert rows[("generate", "unedited")][0] == n_prompt and rows[("generate", "oracle")][0] == n_oracle
+    # oracle: only the oracle prompts that are not evaluation prompts (the others are unedited images)
+    assert rows[("generate", "unedited")][0] == n_prompt
+    assert rows[("generate", "oracle")][0] == len(oracle - set(ep["prompt"])) * 5
+    assert rows[("generate", "oracle")][3] == len(oracle & set(ep["prompt"])) * 5
     assert rows[("generate", "edited")][2] == -(-n_prompt // 8) * 50  # batched calls, 8 prompts each
     # compare: edited methods generate all over again; unedited/oracle are the main run's images
     assert rows[("compare/generate", "time")][0] == n_prompt
     assert rows[("compare/generate", "unedited")] == (0, 0, 0, n_prompt)
     assert rows[("compare/generate", "oracle")] == (0, 0, 0, n_oracle)
     # the value optimisation: 104 edits, (200 steps + 2 evaluations) x 2 UNet forwards each
-    assert rows[("compare/values", "ours")][1] == 104 * 202 * 2
+    assert rows[("compare/values", "ours-no-projector")][1] == 104 * 202 * 2
+    # ours (value_batch_size 32, the values stage's) is the main run's edit: no values, no images
+    assert ("compare/values", "ours") not in rows and rows[("compare/generate", "ours")] == (0, 0, 0, n_prompt)
     assert ("compare/values", "ours-no-visual") not in rows and ("compare/values", "time") not in rows
     assert rows[("fid", "edited")][:2] == (5000, 5000 * 50 * 2)
     total = [line for line in text.splitlines() if line.startswith("| **total**")][0]
