@@ -22,8 +22,8 @@ class CountingPipe:
     def __getattr__(self, name):
         return getattr(self.pipe, name)
 
-    def __call__(self, prompt, **kw):
-        self.images += len(prompt)
+    def __call__(self, prompt=None, **kw):
+        self.images += len(prompt) if prompt is not None else len(kw["prompt_embeds"])
         return self.pipe(prompt=prompt, **kw)
 
 
@@ -63,6 +63,35 @@ def test_image_independent_of_batch_composition(tiny_pipe, tmp_path):
     assert a.shape == (32, 32, 3)
     assert np.array_equal(a, b)
     assert not np.array_equal(b, c)  # the seed matters
+
+
+def test_cached_prompt_embeddings_give_the_pipelines_own_images(tiny_pipe, tmp_path):
+    """generate_images encodes each prompt once and "" once (PromptEmbeddings) instead of letting the
+    pipeline re-encode both per call: the embeddings are the pipeline's own encode_prompt outputs and a
+    batch-of-one image is bit-identical to the pipeline called with the prompt text."""
+    import torch
+
+    from t2iedit.generate import PromptEmbeddings, initial_latents
+
+    prompts = ["a dog", "a red car", "a dog"]
+    emb = PromptEmbeddings(tiny_pipe, guidance=True)
+    cond, uncond = emb(prompts)
+    ref_cond, ref_uncond = tiny_pipe.encode_prompt(prompts, "cpu", 1, True)
+    torch.testing.assert_close(cond, ref_cond, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(uncond, ref_uncond, rtol=1e-5, atol=1e-6)
+    assert len(emb.cache) == 2 and emb(["a dog"])[0].shape == (1, *ref_cond.shape[1:])
+    assert PromptEmbeddings(tiny_pipe, guidance=False)(["a dog"])[1] is None
+    small = PromptEmbeddings(tiny_pipe, guidance=False, max_prompts=2)
+    small(["a", "b"])
+    torch.testing.assert_close(small(["b", "c"])[0], tiny_pipe.encode_prompt(["b", "c"], "cpu", 1, False)[0])
+
+    table = generate_images(tiny_pipe, [("a red car", 5)], tmp_path, model_hash("tiny"), CFG, batch_size=1,
+                            progress=False)
+    shape = (tiny_pipe.unet.config.in_channels, 32 // tiny_pipe.vae_scale_factor, 32 // tiny_pipe.vae_scale_factor)
+    direct = tiny_pipe(prompt=["a red car"], latents=initial_latents(5, shape), num_inference_steps=4,
+                       guidance_scale=CFG.guidance_scale, height=32, width=32, output_type="np").images[0]
+    expected = (np.clip(direct, 0.0, 1.0) * 255).round().astype(np.uint8)
+    assert np.array_equal(_pixels(tmp_path, table.column("path")[0].as_py()), expected)
 
 
 def test_rejects_bad_input(tiny_pipe, tmp_path):
