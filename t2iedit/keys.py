@@ -2,8 +2,9 @@
 
 - :class:`SecondMoment` / :func:`collect_second_moment`: the preserved keys' uncentred second moment
   ``C0 = (1/n) Σ k kᵀ`` over every non-padding token of a prompt corpus (paper eq. 3's K0 K0ᵀ),
-  streaming and mergeable, accumulated in float64 (each batch's product in float32, merged in float64;
-  in a causal encoder each distinct token prefix's key once, weighted by its count).
+  streaming and mergeable, accumulated in float64 (the product of each buffer of up to 4,096 keys in
+  float32, merged in float64; batches of equal-length texts, no padding; in a causal encoder each
+  distinct token prefix's key once, weighted by its count).
 - :func:`compute_keys`: the edit keys K1, fc2 inputs at the edit token averaged over templates.
 - :func:`compute_hidden`: the residual-stream output of a block at the edit token (MEMIT's ``cur_zs``).
 
@@ -55,10 +56,10 @@ class SecondMoment:
         ``weights[i]`` identical keys (default 1 each).
 
         ``batch_dtype``: precision of this batch's product ``kᵀ diag(w) k``, which is then added into
-        the float64 sum. float64 (default): exact to float64 rounding. float32: the per-batch
-        product is computed for the upper triangle only (the sum is symmetric: a BLAS SYRK on the
-        CPU, ≈ 7× faster than the float64 GEMM there; block GEMMs on a GPU); the batches are still merged in float64, so rounding does not grow with the corpus
-        (relative difference to the float64 product ≈ 1e-7 per batch, METHOD.md §2).
+        the float64 sum. float64 (default): exact to float64 rounding. float32: one triangle of the
+        product (a BLAS SYRK on the CPU: half a GEMM's flops, ≈ 4× faster than the float64 GEMM
+        there), mirrored; the batches are still merged in float64, so rounding does not grow with
+        the corpus (relative difference to the float64 product ≈ 1e-7 per batch, METHOD.md §2).
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must be (n, {self.dim}), got {tuple(keys.shape)}")
@@ -70,10 +71,9 @@ class SecondMoment:
             kw = k if weights is None else k * weights.to(k.device, torch.float64)[:, None]
             self.sum.addmm_(kw.T, k)  # (d, d) += kᵀ diag(w) k
         else:
-            k = keys.detach().to(dtype=batch_dtype)
-            if weights is not None:
-                k = k * weights.to(k.device, batch_dtype).sqrt()[:, None]
-            _add_gram(self.sum, k)
+            k = _scaled(keys.detach().to(dtype=batch_dtype), weights)  # (n, d)
+            gram = _mirror_lower_(_gram_lower(k))  # (d, d) float32, symmetric
+            _add_into(self.sum, gram)
         self.count += n
         return self
 
@@ -100,90 +100,138 @@ class SecondMoment:
         return cls(int(meta["dim"]), load_tensors(path)["sum"], int(meta["count"]))
 
 
-class _Gram32:
-    """A float32 ``Σ k kᵀ`` (one triangle on the CPU) of consecutive batches, added into a
-    :class:`SecondMoment`'s float64 sum by :meth:`fold_into`. On the CPU each batch is one in-place
-    BLAS SYRK (``ssyrk`` with ``beta = 1``: half a GEMM's flops, no temporary (d, d) matrix); on a
-    GPU one ``addmm_``."""
-
-    def __init__(self, dim: int, device: torch.device | str):
-        self.c = torch.zeros(dim, dim, dtype=torch.float32, device=device)
-        self.count = 0
-        self._cpu = self.c.device.type == "cpu"
-
-    def add(self, keys: torch.Tensor, weights: torch.Tensor | None = None) -> None:
-        k = keys.detach().to(torch.float32)
-        if weights is not None:
-            k = k * weights.to(k.device, torch.float32).sqrt()[:, None]
-            self.count += int(weights.sum())
-        else:
-            self.count += k.shape[0]
-        if self._cpu:
-            from scipy.linalg import blas
-
-            c = self.c.numpy().T  # Fortran-order view: ssyrk updates it in place
-            out = blas.ssyrk(1.0, k.cpu().numpy().T, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1)
-            if not np.shares_memory(out, c):  # not expected; kept correct if scipy copies
-                c[...] = out
-        else:
-            self.c.addmm_(k.T, k)
-
-    def fold_into(self, moment: "SecondMoment") -> None:
-        if self.count == 0:
-            return
-        c = self.c.to(moment.sum.device)
-        if self._cpu:  # one triangle (the lower one of the C-order tensor) holds the sum
-            moment.sum += c
-            moment.sum += c.T
-            moment.sum.diagonal().sub_(c.diagonal())
-        else:
-            moment.sum += (c + c.T) / 2
-        moment.count += self.count
-        self.c.zero_()
-        self.count = 0
-
-
-def _add_gram(out: torch.Tensor, k: torch.Tensor) -> None:
-    """``out`` (d, d) float64 += ``kᵀ k`` computed in ``k``'s dtype. On the CPU in float32: one BLAS
-    SYRK (upper triangle only: half the flops of a GEMM; scipy's ``ssyrk``), mirrored; elsewhere
-    :func:`_add_gram_upper_blocks`."""
-    if k.device.type == "cpu" and k.dtype == torch.float32 and out.device.type == "cpu":
-        from scipy.linalg import blas
-
-        a = k.numpy()  # (n, d) C-order = (d, n) Fortran-order: ssyrk(trans=0) gives aᵀa for k
-        upper = torch.from_numpy(blas.ssyrk(1.0, a.T, trans=0, lower=0)).to(torch.float64)  # (d, d)
-        out += upper
-        out += torch.triu(upper, diagonal=1).T
-        return
-    _add_gram_upper_blocks(out, k)
-
-
-_GRAM_BLOCKS = 4  # 10 of 16 blocks computed: 62.5 % of the full product's flops
-
-
-def _add_gram_upper_blocks(out: torch.Tensor, k: torch.Tensor, blocks: int = _GRAM_BLOCKS) -> None:
-    """``out`` (d, d) float64 += ``kᵀ k`` computed in ``k``'s dtype, block by block over the upper
-    triangle (``i <= j``) and mirrored: the product is symmetric, so ``blocks (blocks + 1) / 2`` of
-    ``blocks²`` block products are enough (torch has no SYRK)."""
+def _gram_lower(k: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``out`` (default: a new zero matrix) with its lower triangle (diagonal included) set to that
+    of ``kᵀ k`` ``(d, d)``, computed in ``k``'s dtype, and zeros above the diagonal — provided ``out``
+    had zeros there (as a matrix that only this function writes does): on the CPU in float32 one
+    BLAS SYRK (scipy's ``ssyrk``, ``beta = 0``: half a GEMM's flops, in place) writes the triangle
+    only; elsewhere :func:`_gram_lower_torch`."""
     d = k.shape[1]
-    edges = [d * i // blocks for i in range(blocks + 1)]
-    kt = k.T.contiguous()  # (d, n)
-    dev = out.device
-    for i in range(blocks):
+    if out is None:
+        out = torch.zeros(d, d, dtype=k.dtype, device=k.device)
+    if k.device.type != "cpu" or k.dtype != torch.float32:
+        return _gram_lower_torch(k, out)
+    from scipy.linalg import blas
+
+    # k (n, d) C-order is (d, n) Fortran-order, so ssyrk(trans=0) gives kᵀk; out's C-order lower
+    # triangle is the upper triangle of its Fortran-order view, which ssyrk updates in place
+    c = out.numpy().T
+    res = blas.ssyrk(1.0, k.contiguous().numpy().T, beta=0.0, c=c, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(res, c):  # not expected; kept correct if scipy copies
+        c[...] = np.triu(res) + np.tril(c, -1)
+    return out
+
+
+def _gram_lower_torch(k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_gram_lower` for any device and dtype: one GEMM, its lower triangle (zeros above) into
+    ``out`` (torch has no SYRK; on a GPU the GEMM is cheap next to the forward)."""
+    return torch.tril(k.T @ k, out=out)  # (d, d)
+
+
+_MIRROR_BLOCK = 384  # a (384, 384) float64 block is 1.2 MB: source and target stay in cache
+
+
+def _mirror_lower_(m: torch.Tensor, block: int = _MIRROR_BLOCK) -> torch.Tensor:
+    """Copy the lower triangle of the square ``m`` onto its upper one, in place, block by block (a
+    whole-matrix transposed copy strides through memory: ~10× slower at d = 3072)."""
+    d = m.shape[0]
+    edges = list(range(0, d, block)) + [d]
+    for i in range(len(edges) - 1):
         ri = slice(edges[i], edges[i + 1])
-        for j in range(i, blocks):
+        m[ri, ri] = torch.tril(m[ri, ri]) + torch.tril(m[ri, ri], -1).T
+        for j in range(i + 1, len(edges) - 1):
             rj = slice(edges[j], edges[j + 1])
-            blk = (kt[ri] @ k[:, rj]).to(device=dev, dtype=out.dtype)  # (d_i, d_j)
-            if j > i:
-                out[ri, rj] += blk
-                out[rj, ri] += blk.T
-            else:  # a GEMM's diagonal block is symmetric only up to rounding: make it exact
-                out[ri, rj] += (blk + blk.T) / 2
+            m[ri, rj] = m[rj, ri].T
+    return m
+
+
+def _add_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    """``out`` (float64) += ``x`` (any float dtype, any device), without a float64 temporary of
+    ``x`` on the CPU (torch's mixed-dtype ``+=`` allocates one: page faults cost ~5× the add)."""
+    x = x.to(out.device)
+    if out.device.type == "cpu":
+        np.add(out.numpy(), x.numpy(), out=out.numpy())
+    else:
+        out += x
+
+
+class _KeyBuffer:
+    """Kept keys of every layer, gathered straight into a float32 buffer of ``rows`` rows per layer;
+    when a buffer is full (and at the end), one triangle of its ``Σ w k kᵀ`` in float32
+    (:func:`_gram_lower`, into one scratch matrix shared by the layers) is added into that layer's
+    float64 sum (lower triangle only; :meth:`moments` mirrors it once). Large SYRKs run near the
+    BLAS peak; the float64 merge keeps rounding from growing with the corpus."""
+
+    def __init__(self, dims: dict[int, int], device: torch.device | str, rows: int):
+        self.dims, self.rows = dims, rows
+        # torch.empty: pages are touched (and cost) only as rows are written
+        self.buf = {layer: torch.empty(rows, d, dtype=torch.float32, device=device)
+                    for layer, d in dims.items()}
+        self.fill = {layer: 0 for layer in dims}
+        self.sums: dict[int, torch.Tensor | None] = {layer: None for layer in dims}  # (d, d) float64
+        self.counts = {layer: 0 for layer in dims}
+        self.scratch: dict[int, torch.Tensor] = {}  # d -> (d, d) float32, zeros above the diagonal
+
+    def add(self, layer: int, keys: torch.Tensor, index: torch.Tensor | None = None,
+            weights: torch.Tensor | None = None) -> None:
+        """Rows ``index`` (default: all) of ``keys`` (m, d) for ``layer``; ``weights`` (len(index),):
+        kept row i stands for ``weights[i]`` identical keys (default 1 each)."""
+        keys = keys.detach()
+        if keys.dtype != torch.float32:
+            keys = keys.float()
+        n = keys.shape[0] if index is None else index.shape[0]
+        self.counts[layer] += n if weights is None else int(weights.sum())
+        if n > self.rows:  # larger than a buffer: its own product
+            self.fold(layer)
+            self._fold_rows(layer, _scaled(keys if index is None else keys[index], weights))
+            return
+        if self.fill[layer] + n > self.rows:
+            self.fold(layer)
+        dst = self.buf[layer][self.fill[layer]:self.fill[layer] + n]  # (n, d), contiguous
+        if index is None:
+            dst.copy_(keys)
+        else:
+            torch.index_select(keys, 0, index, out=dst)
+        if weights is not None:
+            dst.mul_(weights.to(dst.device, torch.float32).sqrt()[:, None])
+        self.fill[layer] += n
+
+    def fold(self, layer: int) -> None:
+        if self.fill[layer]:
+            self._fold_rows(layer, self.buf[layer][:self.fill[layer]])
+            self.fill[layer] = 0
+
+    def _fold_rows(self, layer: int, k: torch.Tensor) -> None:
+        d = self.dims[layer]
+        if d not in self.scratch:
+            self.scratch[d] = torch.zeros(d, d, dtype=torch.float32, device=k.device)
+        tri = _gram_lower(k, self.scratch[d])  # (d, d) float32, zeros above the diagonal
+        if self.sums[layer] is None:
+            self.sums[layer] = tri.to(device="cpu", dtype=torch.float64)
+        else:
+            _add_into(self.sums[layer], tri)
+
+    def moments(self) -> dict[int, SecondMoment]:
+        """Fold what is pending and return each layer's :class:`SecondMoment` (full symmetric sum)."""
+        out = {}
+        for layer, d in self.dims.items():
+            self.fold(layer)
+            s = self.sums[layer]
+            s = torch.zeros(d, d, dtype=torch.float64) if s is None else _mirror_lower_(s)
+            out[layer] = SecondMoment(d, s, self.counts[layer])
+        return out
+
+
+def _scaled(k: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``k`` times ``sqrt(weights)``: ``Σ (√w k)(√w k)ᵀ = Σ w k kᵀ``."""
+    return k if weights is None else k * weights.to(k.device, k.dtype).sqrt()[:, None]
 
 
 @dataclass
 class _Batches:
-    """Tokenized corpus sorted by length, so each batch is padded only to its own longest prompt."""
+    """Tokenized corpus sorted by length and cut into batches of texts of one length each (at most
+    ``batch_size``): no token is padding, so the forward does no wasted work (on COCO captions
+    padding each batch of 64 to its longest text costs 50 % more token positions)."""
 
     ids: list[list[int]]
     order: list[int] = field(init=False)
@@ -191,9 +239,16 @@ class _Batches:
     def __post_init__(self):
         self.order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
 
-    def __call__(self, batch_size: int) -> Iterable[list[list[int]]]:
-        for s in range(0, len(self.order), batch_size):
-            yield [self.ids[i] for i in self.order[s:s + batch_size]]
+    def __call__(self, batch_size: int) -> Iterable[list[int]]:
+        """Row indices of each batch, in ``order``."""
+        s = 0
+        while s < len(self.order):
+            length = len(self.ids[self.order[s]])
+            e = s + 1
+            while e < len(self.order) and e - s < batch_size and len(self.ids[self.order[e]]) == length:
+                e += 1
+            yield self.order[s:e]
+            s = e
 
 
 def _prefix_weights(ids: list[list[int]], order: Sequence[int]) -> list[list[int]]:
@@ -227,21 +282,22 @@ def _prefix_weights(ids: list[list[int]], order: Sequence[int]) -> list[list[int
 def collect_second_moment(adapter: TextEncoderAdapter, tokenizer, texts: Sequence[str],
                           layers: Sequence[int], batch_size: int = 64, progress: bool = True,
                           batch_dtype: torch.dtype = torch.float32, causal: bool | None = None,
-                          fold_rows: int = 16384) -> dict[int, SecondMoment]:
+                          fold_rows: int = 4096) -> dict[int, SecondMoment]:
     """Second moments of the edited layers' inputs over every non-padding token of ``texts``.
 
     BOS and EOS count as tokens; texts are truncated at the tokenizer's length (77 for CLIP). The
-    corpus is sorted by token length and each batch padded only to its longest text; the forward pass
-    stops right after the last needed layer. The result does not depend on ``batch_size`` (up to
-    float rounding): padding tokens are masked out, and keys of a real token do not depend on the
-    padding (CLIP is causal and padded on the right; BERT masks padding in attention).
+    corpus is sorted by token length and cut into batches of at most ``batch_size`` texts of equal
+    length (no padding at all); the forward pass stops at the last needed layer's input. The result
+    does not depend on ``batch_size`` (up to float rounding).
 
     ``batch_dtype``: float64 — each batch's ``Σ k kᵀ`` in float64 (:meth:`SecondMoment.update`);
-    float32 (default, METHOD.md §2) — the batches' products are summed in a float32 accumulator
-    (:class:`_Gram32`), merged into the float64 sum every ``fold_rows`` kept keys and at the end. ``causal`` (default: the encoder
-    is a ``CLIPTextModel``): tokens sharing a prefix share their key, so each distinct prefix's key
-    enters once, weighted by its count (:func:`_prefix_weights`) — the same moment, fewer products.
-    Never for a bidirectional encoder (BERT: a token's key depends on the tokens after it).
+    float32 (default, METHOD.md §2) — the kept keys are buffered (float32, at most ``fold_rows``
+    rows per layer: 4096 × 3072 × 4 B = 50 MB a layer at SD 1.4's size), each buffer's product is
+    one float32 SYRK and the products are merged in float64 (:class:`_KeyBuffer`). ``causal``
+    (default: the encoder is a ``CLIPTextModel``): tokens sharing a prefix share their key, so each
+    distinct prefix's key enters once, weighted by its count (:func:`_prefix_weights`) — the same
+    moment, fewer products. Never for a bidirectional encoder (BERT: a token's key depends on the
+    tokens after it).
     """
     if not layers:
         raise ValueError("no layers to collect")
@@ -253,49 +309,40 @@ def collect_second_moment(adapter: TextEncoderAdapter, tokenizer, texts: Sequenc
     ids = tokenizer(list(texts), truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
     batches = _Batches(ids)
     prefix_w = _prefix_weights(ids, batches.order) if causal else None
-    moments = {layer: SecondMoment(adapter.layer(layer).in_features) for layer in layers}
+    dims = {layer: adapter.layer(layer).in_features for layer in layers}
     device = next(adapter.model.parameters()).device
+    if batch_dtype == torch.float32:
+        kept = sum(len(ids[i]) for i in batches.order) if prefix_w is None else \
+            sum(x > 0 for row in prefix_w for x in row)
+        buffer = _KeyBuffer(dims, device, max(1, min(fold_rows, kept)))
+    else:
+        moments = {layer: SecondMoment(dims[layer]) for layer in layers}
     n_tokens, start = 0, time.perf_counter()
-    # each batch's kᵀk is added to a float32 accumulator per layer (in place: a BLAS SYRK on the CPU),
-    # which is merged into the float64 sum every fold_rows keys and at the end
-    acc = ({layer: _Gram32(moments[layer].dim, device) for layer in layers}
-           if batch_dtype == torch.float32 else None)
-    pending_rows = 0
 
     bar = tqdm(total=len(ids), desc="second moment", unit="text", disable=not progress)
     with torch.inference_mode(), adapter.capture(layers, keys=True, values=False,
                                                  stop_after=layers[-1]) as rec:
-        for s in range(0, len(batches.order), batch_size):
-            rows = batches.order[s:s + batch_size]
-            enc = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding="longest",
-                                return_attention_mask=True, return_tensors="pt")
-            mask = enc["attention_mask"].bool()  # (B, T)
+        for rows in batches(batch_size):
+            input_ids = torch.tensor([ids[i] for i in rows])  # (B, T): one length, no padding
             if prefix_w is not None:
-                w = torch.zeros(mask.shape, dtype=torch.int64)  # (B, T): 0 on padding and repeats
-                for r, i in enumerate(rows):
-                    w[r, :len(prefix_w[i])] = torch.tensor(prefix_w[i])
-                mask = w > 0
-                weights = w[mask].to(device)
+                w = torch.tensor([prefix_w[i] for i in rows]).flatten()  # (B T,): 0 on repeated prefixes
+                index = torch.nonzero(w).flatten().to(device)  # (n_kept,)
+                weights = w[w > 0].to(device)
             else:
-                weights = None
-            enc = {k: v.to(device) for k, v in enc.items()}
-            adapter.run(**enc)
-            mask = mask.to(device)
+                index, weights = None, None
+            adapter.run(input_ids=input_ids.to(device))  # no padding: no attention mask needed
             for layer in layers:
-                keys = rec["keys"][layer][mask]  # (n_kept_tokens, d_in)
-                if acc is None:
-                    moments[layer].update(keys, weights, batch_dtype=batch_dtype)
+                keys = rec["keys"][layer]  # (B, T, d_in)
+                keys = keys.reshape(-1, keys.shape[-1])  # (B T, d_in)
+                if batch_dtype == torch.float32:
+                    buffer.add(layer, keys, index, weights)
                 else:
-                    acc[layer].add(keys, weights)
-            pending_rows += int(mask.sum())
-            if acc is not None and pending_rows >= fold_rows:
-                for layer in layers:
-                    acc[layer].fold_into(moments[layer])
-                pending_rows = 0
-            n_tokens += int(enc["attention_mask"].sum())
+                    moments[layer].update(keys if index is None else keys[index], weights,
+                                          batch_dtype=batch_dtype)
+            n_tokens += input_ids.numel()
             bar.update(len(rows))
-        for layer in layers if acc is not None else []:
-            acc[layer].fold_into(moments[layer])
+        if batch_dtype == torch.float32:
+            moments = buffer.moments()
     bar.close()
     elapsed = time.perf_counter() - start
     logger.info("second moment of layers %s: %d texts, %d tokens in %.1f s (%.0f tokens/s)",

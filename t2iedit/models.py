@@ -89,6 +89,11 @@ TINY_CONFIG = {
     "sample_size": 32,  # image side in pixels; latents are sample_size / 2
 }
 
+#: Image side of tiny-minilm (latents 8 × 8): its UNet is random, so its images are noise at any size; at
+#: 16 px a UNet call costs 3.4× less than at 32 px (batch 64, one thread: 0.22 vs 0.76 s), which is most of
+#: the default run's generation and of every visual-loss step (issue 17 item 4: the default in ≤ 5 min).
+TINY_MINILM_SIDE = 16
+
 PRESETS: dict[str, ModelPreset] = {
     "sd-v1-4": ModelPreset(
         name="sd-v1-4",
@@ -127,10 +132,10 @@ PRESETS: dict[str, ModelPreset] = {
         text_block_template=BERT_BLOCK_TEMPLATE,
         edit_layers=(0, 1, 2, 3),
         value_layer=3,
-        resolution=TINY_CONFIG["sample_size"],
+        resolution=TINY_MINILM_SIDE,
         num_inference_steps=4,
         tiny=True,
-        tiny_config={**TINY_CONFIG, "text_hidden": 384},
+        tiny_config={**TINY_CONFIG, "text_hidden": 384, "sample_size": TINY_MINILM_SIDE},
         tiny_text_encoder="minilm",
         pooling="mean",
     ),
@@ -520,15 +525,16 @@ class TextEncoderAdapter:
         """Record inputs (keys, (B, T, d_in)) and outputs (values, (B, T, d_out)) of the edited
         linear layers during forward passes run inside the block.
 
-        ``stop_after``: end the forward pass right after this layer's edited module ran (call the
-        model through :meth:`run` so the early stop is swallowed). Hooks are removed on exit, even on
-        error: the model is unchanged when this returns.
+        ``stop_after``: end the forward pass once this layer's edited module has what is recorded —
+        its input when no values are recorded (the module itself then never runs), else its output
+        (call the model through :meth:`run` so the early stop is swallowed). Hooks are removed on
+        exit, even on error: the model is unchanged when this returns.
         """
         record: dict[str, dict[int, torch.Tensor]] = {"keys": {}, "values": {}}
         handles = []
 
         def hook(layer: int):
-            def fn(_mod, inputs, output):
+            def fn(_mod, inputs, output=None):
                 if keys:
                     record["keys"][layer] = inputs[0].detach()
                 if values:
@@ -540,7 +546,10 @@ class TextEncoderAdapter:
         wanted = set(layers) | ({stop_after} if stop_after is not None else set())
         try:
             for layer in sorted(wanted):
-                handles.append(self.layer(layer).register_forward_hook(hook(layer)))
+                module = self.layer(layer)
+                # keys only: a pre-hook, so that stopping skips the last edited module's own product
+                handles.append(module.register_forward_hook(hook(layer)) if values
+                               else module.register_forward_pre_hook(hook(layer)))
             yield record
         finally:
             for h in handles:

@@ -158,8 +158,8 @@ def test_adapter_on_minilm(minilm_dir):
 
 
 def test_float32_batches_merged_in_float64_match_the_float64_update():
-    """The per-batch float32 product (upper block triangle, mirrored) and weighted rows agree with
-    the exact float64 Σ k kᵀ (issue 16 item 8)."""
+    """The per-batch float32 product (one triangle, mirrored) and weighted rows agree with the exact
+    float64 Σ k kᵀ (issue 16 item 8)."""
     g = torch.Generator().manual_seed(1)
     K = torch.rand(500, 37, generator=g)  # fc2 inputs are mostly >= 0: the worst case for rounding
     exact = SecondMoment(37).update(K)
@@ -178,13 +178,84 @@ def test_float32_batches_merged_in_float64_match_the_float64_update():
         torch.testing.assert_close(weighted.moment(), rep.moment(), rtol=rtol, atol=0)
     with pytest.raises(ValueError, match="weights"):
         SecondMoment(37).update(K, w[:3])
-    # the GPU path (block GEMMs over the upper triangle), run here on the CPU
-    from t2iedit.keys import _add_gram_upper_blocks
+    # the non-SYRK path (GPU: one GEMM, its lower triangle) and the blocked mirror, run on the CPU
+    from t2iedit.keys import _gram_lower, _gram_lower_torch, _mirror_lower_
 
-    blocks = torch.zeros(37, 37, dtype=torch.float64)
-    _add_gram_upper_blocks(blocks, K)
-    assert torch.equal(blocks, blocks.T)
-    assert 0 < float((blocks - exact.sum).norm() / exact.sum.norm()) < 1e-6
+    for tri in (_gram_lower(K), _gram_lower_torch(K, torch.zeros(37, 37))):
+        assert torch.equal(tri, torch.tril(tri))  # nothing written above the diagonal
+        full = _mirror_lower_(tri.clone(), block=8)  # 5 blocks: diagonal and off-diagonal ones
+        assert torch.equal(full, full.T) and torch.equal(torch.tril(full), tri)
+        assert 0 < float((full.double() - exact.sum).norm() / exact.sum.norm()) < 1e-6
+
+
+def test_key_buffer_folds_and_weights_match_float64():
+    """The collector's buffer: float32 SYRKs of up to fold_rows keys, merged in float64 — over many
+    folds (a fold that dropped or doubled a buffer, or a wrong mirror, is off by ≥ 1e-2)."""
+    from t2iedit.keys import _KeyBuffer
+
+    g = torch.Generator().manual_seed(2)
+    K = {0: torch.rand(700, 37, generator=g), 4: torch.rand(700, 21, generator=g)}
+    w = torch.randint(1, 4, (700,), generator=g)
+    keep = torch.rand(700, generator=g) < 0.7  # rows of layer 4 gathered by index
+    buf = _KeyBuffer({0: 37, 4: 21}, "cpu", rows=50)
+    for s in range(0, 700, 33):  # batches that straddle the folds
+        buf.add(0, K[0][s:s + 33])
+        idx = torch.nonzero(keep[s:s + 33]).flatten()
+        buf.add(4, K[4][s:s + 33], idx, w[s:s + 33][idx])
+    buf.add(0, K[0][:0])  # an empty batch changes nothing
+    m = buf.moments()
+    K4, w4 = K[4][keep].double(), w[keep].double()
+    ref0 = K[0].double().T @ K[0].double()
+    ref4 = (K4 * w4[:, None]).T @ K4
+    assert m[0].count == 700 and m[4].count == int(w[keep].sum())
+    for got, ref in ((m[0].sum, ref0), (m[4].sum, ref4)):
+        assert torch.equal(got, got.T)
+        assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+    big = _KeyBuffer({0: 37}, "cpu", rows=40)  # a batch larger than the buffer: its own product
+    big.add(0, K[0][:10])
+    big.add(0, K[0][10:])
+    got = big.moments()[0].sum
+    assert float((got - ref0).abs().max() / ref0.abs().max()) < 1e-6
+    empty = _KeyBuffer({1: 5}, "cpu", rows=10).moments()[1]
+    assert empty.count == 0 and not empty.sum.any()
+
+
+def _hooked_keys(adapter, tokenizer, texts, layer):
+    """Independent reference: each text alone (no padding, full forward), the fc2 input taken by a
+    plain forward hook on the module (not the adapter's capture), float64 (n_tokens, d_in)."""
+    rows = []
+    handle = adapter.layer(layer).register_forward_hook(lambda _m, inp, _o: rows.append(inp[0][0].double()))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                adapter.model(**tokenizer([text], truncation=True, max_length=77, return_tensors="pt"))
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+
+
+def test_fast_collection_matches_direct_float64_moment(clip):
+    """The default path (equal-length batches, prefix dedup, float32 SYRKs merged in float64, early
+    stop) against C0 = K0ᵀK0 in float64 of hooked keys: every token once (a dropped batch or a
+    padding token changes the count and the moment), max relative difference ≤ 1e-6 (measured ≈ 1e-7)."""
+    from t2iedit.keys import _Batches
+
+    tokenizer, adapter = clip
+    texts = TEXTS + ["A dog on a bench", "A dog on a sofa", "A dog", "two dogs", "A cat on a mat"]
+    ids = tokenizer(texts)["input_ids"]
+    batches = list(_Batches(ids)(3))
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))  # every text once
+    assert all(len(b) <= 3 and len({len(ids[i]) for i in b}) == 1 for b in batches)  # one length each
+    for batch_size, fold_rows in ((3, 5), (64, 4096)):  # many folds / one
+        m = collect_second_moment(adapter, tokenizer, texts, [1, 3], batch_size=batch_size,
+                                  progress=False, fold_rows=fold_rows)
+        for layer in (1, 3):
+            K0 = _hooked_keys(adapter, tokenizer, texts, layer)  # (n_tokens, d_in)
+            ref = K0.T @ K0 / K0.shape[0]
+            assert m[layer].count == K0.shape[0] == sum(map(len, ids))
+            assert torch.equal(m[layer].sum, m[layer].sum.T)
+            rel = float((m[layer].moment() - ref).abs().max() / ref.abs().max())
+            assert rel < 1e-6, rel
 
 
 def test_prefix_dedup_and_float32_give_the_float64_moment(clip):
