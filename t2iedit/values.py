@@ -33,8 +33,14 @@ as printed; ``emcid`` (λ, 1), EMCID's code. The weight decay is scale-free (‖
 The result for the editing core is z_i = z0_i + δ_i with z0_i = h_L(source)_i, the block output at the
 edit token of the plain source prompt ("{}" template), the value the closed-form solve writes.
 
-Batching: all edits of a batch are optimised together, one padded forward pass per step over
-(edits × templates) rows. The optimised objective is Σ_i L_i: L_i depends only on δ_i (rows never
+Two encodings per step: the (edits × templates) rows of the text and EATA terms as sentence features
+(padded to the longest row, with the attention mask: the features ``c_tgt`` and the text-space metrics
+read), and, for L_V, the plain source prompts as Stable Diffusion conditions on them (77 tokens, no
+mask unless the encoder's config asks for one). With CLIP's causal attention the two agree on real
+tokens; a bidirectional encoder (MiniLM) sees the pads too without a mask, so the text term is taken
+on the masked rows — and only the plain rows pay for 77 tokens.
+
+Batching: all edits of a batch are optimised together, one padded forward pass per encoding per step. The optimised objective is Σ_i L_i: L_i depends only on δ_i (rows never
 mix in the encoder, per-edit masks, per-edit means, per-edit clamp and per-edit random draws) and
 Adam is per-coordinate, so every δ_i follows exactly the trajectory it would follow alone.
 Everything up to the value layer is frozen and does not depend on δ: its output (and the attention
@@ -346,10 +352,12 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
     if len(set(ids)) != len(ids):
         raise ValueError("edit ids within a batch must be unique")
     device = _device_of(model)
-    n, n_tpl = len(requests), len(config.templates)
+    n = len(requests)
 
     with frozen(model, visual.unet if visual else None):
-        rows = prepare_rows(tokenizer, model, requests, config.templates, sd_conditioning=use_visual)
+        # text and EATA terms: the sentence features as the metrics read them (padded to the longest row,
+        # attention mask); L_V: the plain source prompt as Stable Diffusion conditions on it (77 tokens)
+        rows = prepare_rows(tokenizer, model, requests, config.templates, sd_conditioning=False)
         input_ids, model_mask = rows.input_ids.to(device), _to(rows.model_mask, device)
         attn, row_edit, edit_pos = (rows.attention_mask.to(device), rows.row_edit.to(device),
                                     rows.edit_pos.to(device))
@@ -363,9 +371,12 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
             with capture_output(block) as at_block:  # the value layer's output, δ = 0 (B, T, d)
                 h_frozen = _forward(model, input_ids, model_mask)
             c_e_frozen = entity_features(h_frozen, ent_w)  # (B, E, d)
-            plain_rows = torch.arange(n, device=device) * n_tpl + (
-                config.templates.index(PLAIN_TEMPLATE) if use_visual else 0)
             if use_visual:
+                sd = prepare_rows(tokenizer, model, requests, (PLAIN_TEMPLATE,), sd_conditioning=True)
+                sd_ids, sd_mask, sd_pos = (sd.input_ids.to(device), _to(sd.model_mask, device),
+                                           sd.edit_pos.to(device))
+                with capture_output(block) as at_block_sd:
+                    _forward(model, sd_ids, sd_mask)
                 cond_enc, _, cond_mask = encode(tokenizer, [r.target for r in requests], model, True)
                 cond_tgt = _forward(model, cond_enc["input_ids"].to(device), _to(cond_mask, device))
                 latents = visual.latents.to(device)
@@ -381,15 +392,22 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
         all_rows = torch.arange(len(row_edit), device=device)
         tail = encoder_tail(model, block)
 
-        def hidden() -> torch.Tensor:
-            """Final hidden states (B, T, d) with δ added at the value layer. Everything up to the value
-            layer is frozen and independent of δ, so only the blocks after it run, from its cached
-            output; encoders without a known tail run the full forward with δ injected by a hook."""
+        def run(ids, mask, at, rows_, pos, which) -> torch.Tensor:
+            """Final hidden states (B, T, d) with δ[which] added at the value layer. Everything up to the
+            value layer is frozen and independent of δ, so only the blocks after it run, from its cached
+            output ``at``; encoders without a known tail run the full forward with δ injected by a hook."""
             if tail is None:
-                with add_at_positions(block, all_rows, edit_pos, lambda: delta[row_edit]):
-                    return _forward(model, input_ids, model_mask)
-            return tail(_add_at(at_block["h"], all_rows, edit_pos, delta[row_edit]),
-                        *at_block["args"], **at_block["kwargs"])
+                with add_at_positions(block, rows_, pos, lambda: delta[which]):
+                    return _forward(model, ids, mask)
+            return tail(_add_at(at["h"], rows_, pos, delta[which]), *at["args"], **at["kwargs"])
+
+        def hidden() -> torch.Tensor:
+            return run(input_ids, model_mask, at_block, all_rows, edit_pos, row_edit)
+
+        def conditioning() -> torch.Tensor:
+            """The UNet's conditioning of L_V: the plain source prompts' 77 states, δ added (n, 77, d)."""
+            edits = torch.arange(n, device=device)
+            return run(sd_ids, sd_mask, at_block_sd, edits, sd_pos, edits)
 
         def eval_draws() -> list[torch.Generator]:
             """The (t, noise) draw at which the loss before and after the optimisation is reported:
@@ -406,7 +424,7 @@ def compute_target_values(tokenizer, model: nn.Module, block: nn.Module,
                 "eata": per_edit_mean(eata_loss(entity_features(h, ent_w), c_e_frozen, ent_m), row_edit, n),
             }
             if use_visual:
-                out["visual"] = _visual_term(visual, latents, draws or gens, n_train, step, h[plain_rows],
+                out["visual"] = _visual_term(visual, latents, draws or gens, n_train, step, conditioning(),
                                              cond_tgt)
             else:
                 out["visual"] = torch.zeros(n, device=device)

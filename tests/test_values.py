@@ -423,3 +423,44 @@ def test_progress_is_told_every_step(enc, requests):
     compute_target_values(tok, model, block, requests[:1], ValueConfig(lambda_visual=0.0, steps=3),
                           progress=lambda step, total, loss: seen.append((step, total, loss)))
     assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)] and all(s[2] > 0 for s in seen)
+
+
+def test_visual_mode_text_terms_are_the_masked_features_and_the_unet_gets_sd_conditioning(minilm, requests):
+    """With L_V on, the text and EATA terms are still those of the sentence features (padded to the
+    longest row, attention mask: what c_tgt and the text-space metrics read), and only L_V sees the
+    plain prompts as Stable Diffusion encodes them (77 tokens, no mask). Before, every row was encoded
+    SD-style in visual mode, so a bidirectional encoder's pads leaked into c_src (MiniLM). Checked at
+    δ = 0 against text-only mode and against L_V computed directly from SD-style encodings."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    tok, model, block = minilm
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=384,
+                                attention_head_dim=8, norm_num_groups=16).eval()
+    sched = DDPMScheduler()
+    latents = torch.randn(len(requests), 1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cfg = ValueConfig(steps=0, pooling="mean", lambda_visual=0.01)
+    with_v = compute_target_values(tok, model, block, requests, cfg, VisualInputs(unet, sched, latents))
+    text_only = compute_target_values(tok, model, block, requests, dataclasses.replace(cfg, lambda_visual=0.0))
+    for k in ("text", "eata"):
+        torch.testing.assert_close(with_v.losses[k], text_only.losses[k], rtol=1e-5, atol=1e-7, msg=k)
+
+    def sd_states(texts):  # diffusers' encode_prompt for an encoder without use_attention_mask
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return model(input_ids=ids).last_hidden_state
+
+    with torch.no_grad():
+        c_src, c_tgt = sd_states([r.source for r in requests]), sd_states([r.target for r in requests])
+        expected = []
+        for i, r in enumerate(requests):
+            g = values.edit_generator(cfg.seed, f"{r.edit_id}/report")
+            t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
+            noise = torch.randn(latents.shape[2:], generator=g)[None]
+            x_t = sched.add_noise(latents[i:i + 1, 0], noise, t)
+            eps = [unet(x_t, t, encoder_hidden_states=c[i:i + 1]).sample for c in (c_src, c_tgt)]
+            expected.append(visual_loss(*eps))
+    torch.testing.assert_close(with_v.losses["visual"], torch.cat(expected), rtol=1e-4, atol=1e-9)
+    assert with_v.losses["visual"].min() > 0
