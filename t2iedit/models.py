@@ -12,17 +12,35 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import nn
 
-# Imported here, not inside functions: transformers' lazy module raises spurious ImportErrors when
-# several threads (a Prefect thread-pool task runner) trigger the same lazy import at once.
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+# transformers imported here, not inside functions: its lazy module raises spurious ImportErrors when
+# several threads (a Prefect thread-pool task runner) trigger the same lazy import at once. diffusers:
+# :func:`_diffusers`, on first use, under a lock, for the same reason.
 from transformers import AutoModel, AutoTokenizer, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
 logger = logging.getLogger(__name__)
+
+_DIFFUSERS_LOCK = threading.Lock()
+
+
+def _diffusers() -> SimpleNamespace:
+    """diffusers' pipeline classes, imported on first use: ``import diffusers`` costs ~9 s on 2 cores
+    (on top of torch), paid by every stage process that imported this module — the stages that never
+    build or load a pipeline (statistics, projector, edit, text_space, metrics, report) now skip it.
+    Under a lock: diffusers' lazy module is not safe when several threads import through it at once."""
+    with _DIFFUSERS_LOCK:
+        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    return SimpleNamespace(AutoencoderKL=AutoencoderKL, PNDMScheduler=PNDMScheduler,
+                           StableDiffusionPipeline=StableDiffusionPipeline,
+                           UNet2DConditionModel=UNet2DConditionModel)
 
 
 class _BertTextEncoderTypeFilter(logging.Filter):
@@ -196,7 +214,7 @@ def build_tiny_pipeline(folder: str | os.PathLike, seed: int = 0,
             pad_token_id=49407,
         ))
     unet, vae = _tiny_unet_vae(cfg, seed)
-    pipe = StableDiffusionPipeline(
+    pipe = _diffusers().StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet,
         scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
@@ -243,7 +261,7 @@ def build_tiny_minilm_pipeline(folder: str | os.PathLike, seed: int = 0,
     if text_encoder.config.hidden_size != cfg["text_hidden"]:
         raise ValueError(f"{source}: hidden size {text_encoder.config.hidden_size}, expected {cfg['text_hidden']}")
     unet, vae = _tiny_unet_vae(cfg, seed)
-    pipe = StableDiffusionPipeline(
+    pipe = _diffusers().StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet,
         scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
@@ -260,7 +278,7 @@ def _tiny_unet_vae(cfg: dict, seed: int) -> tuple[UNet2DConditionModel, Autoenco
     :func:`build_tiny_pipeline` seeds them (seed + 1, seed + 2)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(
+        unet = _diffusers().UNet2DConditionModel(
             sample_size=cfg["sample_size"] // 2, in_channels=4, out_channels=4,
             block_out_channels=tuple(cfg["unet_channels"]), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -268,7 +286,7 @@ def _tiny_unet_vae(cfg: dict, seed: int) -> tuple[UNet2DConditionModel, Autoenco
             cross_attention_dim=cfg["text_hidden"], attention_head_dim=8, norm_num_groups=16,
         )
         torch.manual_seed(seed + 2)
-        vae = AutoencoderKL(
+        vae = _diffusers().AutoencoderKL(
             in_channels=3, out_channels=3, block_out_channels=tuple(cfg["vae_channels"]),
             down_block_types=("DownEncoderBlock2D",) * len(cfg["vae_channels"]),
             up_block_types=("UpDecoderBlock2D",) * len(cfg["vae_channels"]),
@@ -279,7 +297,7 @@ def _tiny_unet_vae(cfg: dict, seed: int) -> tuple[UNet2DConditionModel, Autoenco
 
 def _sd_scheduler() -> PNDMScheduler:
     """SD 1.x's scheduler configuration."""
-    return PNDMScheduler(
+    return _diffusers().PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
     )
@@ -327,10 +345,10 @@ def build_sd14_pipeline(folder: str | os.PathLike | None, seed: int = 0, sample_
             unet, vae = _tiny_unet_vae(cfg, seed)
         else:
             torch.manual_seed(seed + 1)
-            unet = UNet2DConditionModel(**{**SD14_UNET_CONFIG, **({"sample_size": sample_size} if sample_size else {})})
+            unet = _diffusers().UNet2DConditionModel(**{**SD14_UNET_CONFIG, **({"sample_size": sample_size} if sample_size else {})})
             torch.manual_seed(seed + 2)
-            vae = AutoencoderKL(**{**SD14_VAE_CONFIG, "sample_size": (sample_size or 64) * 8})
-    pipe = StableDiffusionPipeline(
+            vae = _diffusers().AutoencoderKL(**{**SD14_VAE_CONFIG, "sample_size": (sample_size or 64) * 8})
+    pipe = _diffusers().StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=load_tokenizer(), unet=unet, scheduler=_sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if folder is None:
@@ -384,8 +402,8 @@ def native_size(source: str | os.PathLike, revision: str | None = None) -> tuple
     ``vae_scale_factor`` (2 ** (len(vae.config.block_out_channels) − 1)), as diffusers'
     ``StableDiffusionPipeline`` computes it — 512 × 512 for SD 1.x, 32 × 32 for the tiny presets."""
     kw = _hub_kwargs(source, revision)
-    unet = UNet2DConditionModel.load_config(str(source), subfolder="unet", **kw)
-    vae = AutoencoderKL.load_config(str(source), subfolder="vae", **kw)
+    unet = _diffusers().UNet2DConditionModel.load_config(str(source), subfolder="unet", **kw)
+    vae = _diffusers().AutoencoderKL.load_config(str(source), subfolder="vae", **kw)
     side = unet["sample_size"]
     h, w = (side, side) if isinstance(side, int) else tuple(side)
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
@@ -399,7 +417,7 @@ def load_pipeline(source: str | os.PathLike, revision: str | None = None,
     The safety checker is off (evaluation protocol, METHOD.md §8).
     """
     with _LOAD_LOCK:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = _diffusers().StableDiffusionPipeline.from_pretrained(
             str(source), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, **_hub_kwargs(source, revision),
         )

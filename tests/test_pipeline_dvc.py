@@ -420,7 +420,8 @@ TOY_FILES = {
 def toy_repo(tmp_path):
     root = tmp_path / "repo"
     for rel in ["t2iedit/__init__.py", "t2iedit/storage.py", "tasks/__init__.py", "tasks/fingerprints.py", "tasks/stamps.py",
-                "flows/__init__.py", "flows/stage.py", "flows/reporting.py", "scripts/ci_repro.sh", ".gitignore"]:
+                "flows/__init__.py", "flows/stage.py", "flows/shared_server.py", "flows/reporting.py",
+                "scripts/ci_repro.sh", ".gitignore"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, root / rel)
     for rel, text in TOY_FILES.items():
