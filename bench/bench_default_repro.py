@@ -65,7 +65,11 @@ def run(dst: Path, prefect_url: str | None) -> dict:
     (dst / "bench-repro.log").write_text("".join(log))
     return {"returncode": rc, "total_s": round(total, 1), "stages": stages,
             "startup_total_s": round(sum(s["startup_s"] for s in stages), 1),
-            "prefect": "one server: " + prefect_url if prefect_url else "an ephemeral server per stage",
+            "prefect": ("one server: " + prefect_url if prefect_url else
+                        "an ephemeral server per stage" if os.environ.get("T2IEDIT_PREFECT_SERVER") == "ephemeral"
+                        else "the stages' shared local server (flows/shared_server.py)"),
+            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip(),
             "loadavg_before": load0, "loadavg_after": os.getloadavg(),
             "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()}}
 

@@ -23,6 +23,7 @@ class MessageFilter(logging.Filter):
 
 TRANSFORMERS_IMPORT_LOGGER = "transformers.utils.import_utils"
 DIFFUSERS_PIPELINE_LOGGER = "diffusers.pipelines.pipeline_utils"
+DIFFUSERS_MODELING_LOGGER = "diffusers.models.modeling_utils"
 #: Library warnings that say nothing to a user of this CLI, by logger, as precise as their text:
 #: - transformers 5 logs, once per image-processor class that diffusers' import touches
 #:   (``_LazyModule.__getattr__``, transformers/utils/import_utils.py: CLIPImageProcessor and
@@ -31,12 +32,17 @@ DIFFUSERS_PIPELINE_LOGGER = "diffusers.pipelines.pipeline_utils"
 #: - diffusers warns that the tiny-minilm pipeline's text encoder is a BertModel where
 #:   StableDiffusionPipeline's annotation says CLIPTextModel (pipeline_utils.py, ``from_pretrained``):
 #:   that is the preset's design (models.build_tiny_minilm_pipeline).
+#: - diffusers 0.42's ``ModelMixin.to(dtype)`` warns "There are modules in UNet2DConditionModel that should
+#:   be kept in float32: []" whenever a dtype is passed, also when that list is empty (modeling_utils.py,
+#:   ``fp32_modules is not None``): nothing is kept in float32, nothing is inconsistent. A non-empty list
+#:   still shows.
 QUIET_WARNINGS: dict[str, str] = {
     TRANSFORMERS_IMPORT_LOGGER: r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back "
                                 r"to `\w+ImageProcessorPil`",
     DIFFUSERS_PIPELINE_LOGGER: r"Expected types for text_encoder: \(<class 'transformers\.models\.clip\."
                                r"modeling_clip\.CLIPTextModel'>,\), got <class 'transformers\.models\.bert\."
                                r"modeling_bert\.BertModel'>\.$",
+    DIFFUSERS_MODELING_LOGGER: r"There are modules in \w+ that should be kept in float32: \[\]\.",
 }
 
 

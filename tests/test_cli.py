@@ -202,12 +202,17 @@ def test_the_filters_drop_only_those_warnings():
     import logging
 
     from t2iedit.cli import DIFFUSERS_PIPELINE_LOGGER, QUIET_WARNINGS, TRANSFORMERS_IMPORT_LOGGER, MessageFilter
+    from t2iedit.library_warnings import DIFFUSERS_MODELING_LOGGER
 
     def passes(logger, msg):
         record = logging.LogRecord(logger, logging.WARNING, __file__, 1, msg, None, None)
         return all(f.filter(record) for f in logging.getLogger(logger).filters if isinstance(f, MessageFilter))
 
-    assert set(QUIET_WARNINGS) == {TRANSFORMERS_IMPORT_LOGGER, DIFFUSERS_PIPELINE_LOGGER}
+    assert set(QUIET_WARNINGS) == {TRANSFORMERS_IMPORT_LOGGER, DIFFUSERS_PIPELINE_LOGGER, DIFFUSERS_MODELING_LOGGER}
+    fp32 = ("There are modules in UNet2DConditionModel that should be kept in float32: []. Casting directly "
+            "with `to()` can lead to inconsistent results; set `torch_dtype` in `from_pretrained()` instead.")
+    assert not passes(DIFFUSERS_MODELING_LOGGER, fp32)
+    assert passes(DIFFUSERS_MODELING_LOGGER, fp32.replace("[]", "['conv_norm_out']"))
     assert not passes(TRANSFORMERS_IMPORT_LOGGER, "`CLIPImageProcessor` requires torchvision (not installed); "
                       "falling back to `CLIPImageProcessorPil` for backward compatibility. Install torchvision ...")
     assert passes(TRANSFORMERS_IMPORT_LOGGER, "`CLIPImageProcessor` could not be imported")

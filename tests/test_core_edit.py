@@ -277,7 +277,10 @@ def test_entity_keys_preserve_leaves_every_entity_key_unmoved(encoder, moments, 
     # the partially edited model (W + ΔW cast back) on the unedited model's keys
     assert _entity_shift(adapter, tokenizer, kept) < 1e-5
     stats = kept.manifest.extra["layer_stats"]
-    assert all(stats[str(l)]["preserved_keys"] > 0 and stats[str(l)]["preserved_key_shift"] < 1e-9 for l in LAYERS), stats
+    # 1e-8, not 1e-9: with a large null space P is built as I − U_keep U_keepᵀ (t2iedit.projector,
+    # null_space_from_eigenvectors), which leaves the eigenvectors' orthogonality error in P·k: measured
+    # 1e-9..6e-9 here, vs ~1e-15 from U_null U_nullᵀ; an unpreserved key moves by > 1e-3
+    assert all(stats[str(l)]["preserved_keys"] > 0 and stats[str(l)]["preserved_key_shift"] < 1e-8 for l in LAYERS), stats
     # ... so the entity's standalone prompts encode exactly as before, while the edit still moves
     enc = tokenizer(entity_prompts(ENTITY_REQUESTS), padding="longest", return_tensors="pt")
     mask = enc["attention_mask"].bool()  # padding tokens' keys are not preserved (nor read)

@@ -82,7 +82,7 @@ def workdir(tmp_path):
 
 def test_stages_share_one_server_leased_while_running_stopped_when_idle(workdir):
     home = workdir / "home"
-    idle = 30.0  # > a stage process's imports on a loaded machine
+    idle = 20.0  # > the probe stage's start-up (Prefect import, ~3 s quiet) with a margin for a loaded machine
     env = _env(home, T2IEDIT_PREFECT_SERVER_IDLE=str(idle))
     first = _stage(workdir, env)
     st = _state(home)
