@@ -256,7 +256,9 @@ def build_tiny_minilm_pipeline(folder: str | os.PathLike, seed: int = 0,
     source = minilm_folder()
     with _LOAD_LOCK:
         text_encoder = BertModel.from_pretrained(str(source))
-        tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=77)
+        # local_files_only explicit: transformers writes it into the saved tokenizer_config.json, and left
+        # to the environment (HF_HUB_OFFLINE) it made the model folder's bytes differ between machines
+        tokenizer = AutoTokenizer.from_pretrained(str(source), model_max_length=77, local_files_only=True)
     text_encoder.config.use_attention_mask = True
     if text_encoder.config.hidden_size != cfg["text_hidden"]:
         raise ValueError(f"{source}: hidden size {text_encoder.config.hidden_size}, expected {cfg['text_hidden']}")

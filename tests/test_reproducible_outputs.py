@@ -81,3 +81,26 @@ def test_the_image_folder_holds_only_the_current_models_images(prefect_harness, 
     assert second.isdisjoint(first)  # new model, new image keys
     assert images() == second, "images of the earlier model are still in the stage output"
     assert [d.name for d in (tmp_path / IMAGES).iterdir()] == [next(iter(second)).split("/")[0]]
+
+
+def test_the_embedded_model_folder_does_not_depend_on_the_environment(tmp_path):
+    """prepare_model's tiny-minilm folder is the same bytes whether or not the hub is offline: transformers
+    writes the tokenizer's ``local_files_only`` into tokenizer_config.json, and taken from HF_HUB_OFFLINE
+    it made a fresh clone's data/models (and so every downstream hash in dvc.lock) differ from a working
+    copy run offline."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks; from t2iedit.models import build_tiny_minilm_pipeline; "
+            "build_tiny_minilm_pipeline(sys.argv[1], seed=0)")
+    root = Path(__file__).resolve().parents[1]
+    hashes = []
+    for offline in ("1", "0"):
+        out = tmp_path / f"offline{offline}"
+        env = {**os.environ, "HF_HUB_OFFLINE": offline, "PYTHONPATH": str(root)}
+        res = subprocess.run([sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        hashes.append(tree_sha256(out))
+    assert hashes[0] == hashes[1]
