@@ -316,8 +316,13 @@ def _cli(*args, env=None, **kw):
     import subprocess
     import sys
 
+    import signal
+
+    # SIGINT back to its default in the child: a test run started in the background (nohup, `cmd &`) has it
+    # ignored, and Python then never installs its KeyboardInterrupt handler, so Ctrl-C would do nothing
     return subprocess.Popen([sys.executable, "-m", "t2iedit.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, **kw)
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _snapshot(folder):

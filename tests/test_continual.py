@@ -366,6 +366,8 @@ def test_ctrl_c_during_a_store_write_waits_for_the_write():
 
     from t2iedit.continual import interrupts_deferred
 
+    # a run started in the background (nohup, `cmd &`) inherits SIGINT ignored: give it Python's handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
@@ -373,3 +375,4 @@ def test_ctrl_c_during_a_store_write_waits_for_the_write():
             done.append("write finished")
     assert done == ["write finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, previous)
