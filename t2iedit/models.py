@@ -460,12 +460,12 @@ class EncoderTail:
         return hidden if self.final is None else self.final(hidden)
 
 
-def encoder_tail(model: nn.Module, block: nn.Module) -> EncoderTail | None:
-    """The :class:`EncoderTail` of ``model`` after ``block``, for the architectures whose encoder is
-    exactly "every block with the same extra arguments, then a final module": ``CLIPTextModel`` and
-    a (non-decoder) ``BertModel``, as in transformers 5. ``None`` for any other model (a decoder's
-    blocks also update a KV cache) or when ``block`` is not one of the encoder's blocks: callers then
-    run the full forward."""
+def encoder_tail(model: nn.Module, block: nn.Module, inclusive: bool = False) -> EncoderTail | None:
+    """The :class:`EncoderTail` of ``model`` after ``block`` (``inclusive``: from ``block`` on, itself
+    included), for the architectures whose encoder is exactly "every block with the same extra
+    arguments, then a final module": ``CLIPTextModel`` and a (non-decoder) ``BertModel``, as in
+    transformers 5. ``None`` for any other model (a decoder's blocks also update a KV cache) or when
+    ``block`` is not one of the encoder's blocks: callers then run the full forward."""
     if isinstance(model, CLIPTextModel):
         blocks, final = model.encoder.layers, model.final_layer_norm
     elif isinstance(model, BertModel) and not model.config.is_decoder:
@@ -473,7 +473,41 @@ def encoder_tail(model: nn.Module, block: nn.Module) -> EncoderTail | None:
     else:
         return None
     index = next((i for i, b in enumerate(blocks) if b is block), None)
-    return None if index is None else EncoderTail(tuple(blocks[index + 1:]), final)
+    return None if index is None else EncoderTail(tuple(blocks[index + (0 if inclusive else 1):]), final)
+
+
+@contextlib.contextmanager
+def capture_block_input(block: nn.Module) -> Iterator[dict]:
+    """Record what a forward pass calls ``block`` with — the hidden states (B, T, d) under ``"h"``
+    (detached), the other arguments under ``"args"`` and ``"kwargs"`` (what an inclusive
+    :func:`encoder_tail` from ``block`` is called with) — and end the pass there (call the model
+    through :meth:`TextEncoderAdapter.run`). The hook is removed on exit."""
+    record: dict = {}
+
+    def hook(_mod, args, kwargs):
+        record.update(h=args[0].detach(), args=args[1:], kwargs=kwargs)
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def pooler_output(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s own ``pooler_output`` (B, d) from its ``last_hidden_state`` ``hidden`` (B, T, d), for
+    the models :func:`encoder_tail` knows: ``CLIPTextModel``, the state at the first [EOS] (the
+    highest token id under the legacy ``eos_token_id`` 2, as transformers 5's
+    ``CLIPTextTransformer.forward``); ``BertModel``, its pooler (dense + tanh on [CLS])."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    ids = input_ids.to(dtype=torch.int, device=hidden.device)
+    if isinstance(model, CLIPTextModel):
+        eos = model.config.eos_token_id
+        return hidden[rows, ids.argmax(dim=-1) if eos == 2 else (ids == eos).int().argmax(dim=-1)]
+    if isinstance(model, BertModel) and model.pooler is not None:
+        return model.pooler(hidden)
+    raise TypeError(f"no pooler_output known for {type(model).__name__}")
 
 
 class _StopForward(Exception):

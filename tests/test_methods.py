@@ -185,6 +185,34 @@ def test_refact_sequential_edits_accumulate_one_rank_each(tiny_pipe, adapter, mo
     assert s[1] / s[0] > 1e-3 and s[2] / s[0] < 1e-5 and [i["edit_id"] for i in infos] == ["t0", "r0"]
 
 
+@pytest.mark.parametrize("model", ["tiny-clip", "minilm"])
+@pytest.mark.parametrize("layer", [0, 3])
+def test_refact_tail_features_equal_the_full_forward(model, layer, tiny_pipe, adapter, minilm_dir):
+    """ReFACT's optimisation runs only the blocks from its layer on (their input cached once) and the
+    model's own pooler: with a δ on fc2 the features must equal the full forward's, for the causal CLIP
+    ([EOS] pooler) and the bidirectional BERT/MiniLM (dense+tanh pooler), at the first layer too."""
+    from t2iedit.methods.refact import _add_at, _encode_subject, _features_with_delta
+    from t2iedit.models import BERT_BLOCK_TEMPLATE, BERT_DENSE_TEMPLATE, load_text_encoder
+
+    if model == "tiny-clip":
+        tok, ad = tiny_pipe.tokenizer, adapter
+    else:
+        tok, te = load_text_encoder(minilm_dir, subfolder=None, tokenizer_subfolder=None)
+        ad = TextEncoderAdapter(te, BERT_DENSE_TEMPLATE, BERT_BLOCK_TEMPLATE)
+    enc, pos = _encode_subject(tok, ROAD.source, ("{}",) + RefactConfig().templates)
+    mask = torch.zeros(enc["input_ids"].shape)
+    mask[torch.arange(len(pos)), pos] = 1.0
+    delta = torch.randn(ad.layer(layer).out_features, generator=torch.Generator().manual_seed(0))
+    tail = _features_with_delta(ad, layer, enc, None)
+    with torch.no_grad(), _add_at(ad.layer(layer), delta, mask):
+        full = eos_features(ad.model, enc)
+        fast = tail()
+    with torch.no_grad():
+        plain = eos_features(ad.model, enc)
+    assert not torch.allclose(full, plain, atol=1e-3)  # δ reaches the features
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------- EMCID, ours, the registry
 def _components(pipe, adapter):
     preset = PRESETS["tiny"]

@@ -15,6 +15,9 @@ For one edit (source prompt = the subject ``s``, target prompt ``t``) at layer `
 ReFACT is single-edit: several facts are applied one after another, each computed on the encoder left
 by the previous edit (C0 and the frozen target features stay those of the unedited encoder).
 Follows technion-cs-nlp/ReFACT (``contrastive_text``, ``l2``); deviations in docs/BASELINES.md.
+Speed: δ enters at block ``layer``, so each Adam step runs only the blocks from it on (their input
+computed once) and the model's pooler — the full forward's features (tested), ~35 % less time on
+the default's MiniLM at layer 3 of 6.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from t2iedit.models import TextEncoderAdapter
+from t2iedit.models import TextEncoderAdapter, capture_block_input, encoder_tail, pooler_output
 from t2iedit.prompts import EditRequest, fill, subject_last_token, tokenize_with_offsets
 
 logger = logging.getLogger(__name__)
@@ -109,6 +112,30 @@ def refact_left_vector(k: torch.Tensor, C0: torch.Tensor) -> torch.Tensor:
     return u / u.norm()
 
 
+def _features_with_delta(adapter: TextEncoderAdapter, layer: int, enc,
+                         projection: nn.Module | None) -> Callable[[], torch.Tensor]:
+    """A function computing :func:`eos_features` of ``enc`` as the encoder is when called (the δ hook
+    on layer ``layer``'s fc2 included). Everything before block ``layer`` is frozen and does not see δ:
+    where the architecture allows (``models.encoder_tail``), its input is computed once and each call
+    runs only the blocks from ``layer`` on and the pooler — the same operations on the same inputs as
+    the full forward (tested equal)."""
+    model = adapter.model
+    tail = (encoder_tail(model, adapter.block(layer), inclusive=True)
+            if adapter.block_template else None)
+    if tail is None:  # e.g. CLIPTextModelWithProjection (text_embeds): the full forward
+        return lambda: eos_features(model, enc, projection)
+    dev = _device(model)
+    ids, attn = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+    with torch.no_grad(), capture_block_input(adapter.block(layer)) as at:
+        adapter.run(input_ids=ids, attention_mask=attn)
+
+    def features() -> torch.Tensor:
+        feat = pooler_output(model, tail(at["h"], *at["args"], **at["kwargs"]), ids)
+        return feat if projection is None else projection(feat)
+
+    return features
+
+
 def optimise_delta(adapter: TextEncoderAdapter, tokenizer, request: EditRequest,
                    target_feats: torch.Tensor, config: RefactConfig,
                    projection: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -127,6 +154,7 @@ def optimise_delta(adapter: TextEncoderAdapter, tokenizer, request: EditRequest,
         adapter.run(input_ids=enc["input_ids"][:1].to(dev),
                     attention_mask=enc["attention_mask"][:1].to(dev))
     v0 = rec["values"][config.layer][0, pos[0]].detach()  # (d_out,)
+    features = _features_with_delta(adapter, config.layer, enc, projection)
     delta = torch.zeros_like(v0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=config.lr)
     max_norm = config.clamp_norm_factor * v0.norm()
@@ -139,7 +167,7 @@ def optimise_delta(adapter: TextEncoderAdapter, tokenizer, request: EditRequest,
         for steps in range(config.max_steps):
             opt.zero_grad()
             with _add_at(fc2, delta, mask):
-                feats = eos_features(adapter.model, enc, projection)  # (n_prompts, d)
+                feats = features()  # (n_prompts, d)
             scores = -torch.cdist(feats[None], target_feats[None])[0]  # (n_prompts, 2)
             logp = torch.log_softmax(scores, dim=1)[:, 0]
             prob = logp.exp().mean().item()
