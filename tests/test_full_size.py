@@ -61,9 +61,8 @@ def _run(tmp_path, prefect_harness, tiny_unet: bool, sample_size: int | None):
     assert any(differ), "the edit changed no image"
 
 
-# Not in the default run yet: the projector's 11 float64 eighs of 3,072² cost ~450 CPU-s on this 2-core
-# machine (torch.linalg.eigh, ~40 s each, no subset form in torch) and generation with the 123 M-parameter
-# encoder ~4 CPU-min, so the test takes 13.5 min here (passed 2026-12-01, 806 s), not CI's 3-4 min slot
+# slow (outside the README's `pytest`), run by .ci/run on every commit: 4 min wall on 2 quiet cores
+# (2026-12-08; 13.5 min on a loaded machine of this workplace, 2026-12-01)
 @pytest.mark.slow
 def test_full_text_encoder_tiny_unet(tmp_path, prefect_harness):
     """CI variant: SD-1.4's full text encoder (12 × 768, edits 0..10) with the tiny UNet/VAE."""
