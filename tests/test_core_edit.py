@@ -70,13 +70,18 @@ def _targets(adapter, tokenizer):
     return compute_hidden(adapter, tokenizer, targets, VALUE_LAYER)
 
 
-def test_null_space_update_preserves_real_keys(encoder, moments):
+def test_null_space_update_preserves_real_keys(encoder):
     tokenizer, adapter = encoder
     layer = 2
-    assert moments[layer].count < adapter.key_dim
-    proj = null_space_projector(moments[layer].moment(), "relative", 1e-10)
-    assert proj.null_rank >= adapter.key_dim - moments[layer].count
-    K0 = _preserved_keys(adapter, tokenizer, layer)
+    # C0 of exactly the keys checked below (K0ᵀK0, float64): the guarantee is about the keys the moment
+    # was built from. The same texts through the collector's batches (equal lengths, another batch
+    # shape) give float32 keys that differ by ~1e-7 per entry, depending on the CPU's kernels (1.07e-6
+    # here on an AMD EPYC vs < 1e-6 elsewhere); the collector's own moment is checked against hooked
+    # keys in tests/test_core_keys.py
+    K0 = _preserved_keys(adapter, tokenizer, layer)  # (n_tokens, d_in)
+    assert K0.shape[0] < adapter.key_dim
+    proj = null_space_projector(K0.T @ K0 / K0.shape[0], "relative", 1e-10)
+    assert proj.null_rank >= adapter.key_dim - K0.shape[0]
     K1 = compute_keys(adapter, tokenizer, REQUESTS, layer)
     W = adapter.layer(layer).weight.detach().double()  # (d_out, d_in)
     R = torch.randn(len(REQUESTS), W.shape[0], generator=torch.Generator().manual_seed(0),
