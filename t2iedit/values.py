@@ -37,12 +37,14 @@ Two encodings per step: the (edits × templates) rows of the text and EATA terms
 (padded to the longest row, with the attention mask: the features ``c_tgt`` and the text-space metrics
 read), and, for L_V, the plain source prompts as Stable Diffusion conditions on them (77 tokens, no
 mask unless the encoder's config asks for one). With CLIP's causal attention the two agree on real
-tokens; a bidirectional encoder (MiniLM) sees the pads too without a mask, so the text term is taken
-on the masked rows — and only the plain rows pay for 77 tokens.
+tokens, and so they do for a bidirectional encoder whose config asks for the mask (tiny-minilm's
+``use_attention_mask``); one that does not (a plain BERT) would see the pads of the 77-token rows, so
+the text term is always taken on the masked rows — and only the plain rows pay for 77 tokens.
 
-Batching: all edits of a batch are optimised together, one padded forward pass per encoding per step. The optimised objective is Σ_i L_i: L_i depends only on δ_i (rows never
-mix in the encoder, per-edit masks, per-edit means, per-edit clamp and per-edit random draws) and
-Adam is per-coordinate, so every δ_i follows exactly the trajectory it would follow alone.
+Batching: all edits of a batch are optimised together, one padded forward pass per encoding per step.
+The optimised objective is Σ_i L_i: L_i depends only on δ_i (rows never mix in the encoder, per-edit
+masks, per-edit means, per-edit clamp and per-edit random draws) and Adam is per-coordinate, so every
+δ_i follows exactly the trajectory it would follow alone.
 Everything up to the value layer is frozen and does not depend on δ: its output (and the attention
 mask the encoder passes to its blocks) is computed once, and each step runs only the blocks after it
 and the final layer norm (``models.EncoderTail``; CLIP and BERT). Other encoders run the full forward

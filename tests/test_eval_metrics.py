@@ -159,15 +159,3 @@ def test_paper_layout_oracle_row_first_and_threshold_test_headline():
     assert md[2].startswith("| Oracle (unedited) |")  # the paper's first row: unedited, test prompts
     assert md[4].startswith("| Oracle prompts (unedited model) |")
     assert M.TESTS[0] == M.HEADLINE_TEST == "threshold" and "Headline" in M.TEST_TITLES["threshold"]
-
-
-def test_text_space_success_and_drift():
-    after = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    orig = torch.tensor([[0.0, 1.0], [1.0, 0.1], [0.0, 1.0]])
-    edit = torch.tensor([[1.0, 0.1], [0.0, 1.0], [1.0, 0.0]])
-    ok = M.text_space_success(after, orig, edit, ["efficacy", "specificity", "specificity"])
-    assert ok.tolist() == [True, True, True]
-    ok = M.text_space_success(after, orig, edit, ["specificity", "generality", "efficacy"])
-    assert ok.tolist() == [False, False, False]
-    drift = M.feature_drift(torch.tensor([[3.0, 4.0]]), torch.tensor([[3.0, 4.0 + 5.0]]))
-    assert drift.tolist() == pytest.approx([1.0])
