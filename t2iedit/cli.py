@@ -77,7 +77,7 @@ from t2iedit.edit_data import DatasetError, coco_captions, load_user_edits  # no
 from t2iedit.losses import pooled_feature  # noqa: E402
 from t2iedit.models import (PRESETS, TextEncoderAdapter, build_preset_pipeline, get_preset,  # noqa: E402
                             load_pipeline)
-from t2iedit.projector import MODES as PROJECTOR_MODES  # noqa: E402
+from t2iedit.projector import MODES as PROJECTOR_MODES, calibrated_rule  # noqa: E402
 from t2iedit.prompts import EditRequest  # noqa: E402
 from t2iedit.storage import read_json, write_json  # noqa: E402
 
@@ -354,15 +354,20 @@ class EditOptions:
     preset: str
     layers: Optional[tuple[int, ...]]
     value_layer: int
+    projector_mode: str    # the null-space rule: the options', else the preset's calibrated one
+    projector_value: float
 
 
 def check_edit_options(*, preset: str, settings: dict, method: str, ner: str, steps: int, lr: float,
                        alpha: float, beta: float, corpus_size: int, value_batch_size: int,
-                       projector_mode: str, projector_value: float, layers: Optional[str]) -> EditOptions:
+                       projector_mode: Optional[str], projector_value: Optional[float],
+                       layers: Optional[str]) -> EditOptions:
     """Every option of ``edit`` against its valid range (``settings``: the store's, if it exists).
 
     Edited layers must lie in 0..value layer: the MEMIT/EMCID spreading (METHOD.md §6) writes the
-    residual at the value layer's output, which a later layer cannot change.
+    residual at the value layer's output, which a later layer cannot change. Neither projector option:
+    the preset's calibrated rule (``t2iedit.projector.CALIBRATED``, what the pipeline's ``projector``
+    stage uses: tiny-minilm and SD energy 1e-2, ≥ 99 % of the preserved keys' energy protected).
     """
     def bad(message: str) -> None:
         raise OptionError(message)
@@ -381,6 +386,11 @@ def check_edit_options(*, preset: str, settings: dict, method: str, ner: str, st
                                   ("--value-batch-size", value_batch_size, value_batch_size >= 1, "at least 1")):
         if not ok:
             bad(f"{name} must be {rule}, got {value}")
+    if (projector_mode is None) != (projector_value is None):
+        bad("--projector-mode and --projector-value go together: give both, or neither for the preset's "
+            "calibrated rule")
+    if projector_mode is None:
+        projector_mode, projector_value = calibrated_rule(preset)
     if projector_mode not in PROJECTOR_MODES:
         bad(f"--projector-mode must be one of {', '.join(PROJECTOR_MODES)}, got {projector_mode!r}")
     if projector_mode == "rank" and (projector_value < 0 or projector_value != int(projector_value)):
@@ -397,7 +407,7 @@ def check_edit_options(*, preset: str, settings: dict, method: str, ner: str, st
         if outside:
             bad(f"--layers: {','.join(map(str, outside))} not in 0..{value_layer} (edited layers must not be "
                 f"after the value layer {value_layer} of preset {preset})")
-    return EditOptions(preset, chosen, value_layer)
+    return EditOptions(preset, chosen, value_layer, projector_mode, float(projector_value))
 
 
 def load_facts(file: Path):
@@ -431,8 +441,10 @@ def edit(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="caption CSV of preserved texts (column prompt)"),
     corpus_size: int = typer.Option(2000, "--corpus-size", help="captions sampled for the preserved keys K0"),
     corpus_seed: int = typer.Option(0, "--corpus-seed"),
-    projector_mode: str = typer.Option("relative", "--projector-mode", help="relative | absolute | rank"),
-    projector_value: float = typer.Option(1.0e-2, "--projector-value"),
+    projector_mode: Optional[str] = typer.Option(
+        None, "--projector-mode", help="energy | relative | absolute | rank (with --projector-value); default: "
+                                       "the preset's calibrated rule, as the pipeline (tiny-minilm, SD: energy 1e-2)"),
+    projector_value: Optional[float] = typer.Option(None, "--projector-value"),
     ner: str = typer.Option("auto", "--ner", help="auto (file's entity column, else heuristic) | heuristic | "
                                                   "file | hf (dslim/bert-large-NER, needs the hub) | none"),
     steps: int = typer.Option(200, "--steps", help="target-value optimisation steps (paper: 200)"),
@@ -466,7 +478,7 @@ def edit(
         batch, session, success = _edit(
             file, folder, opts, requests, method=method, source=source, seed=seed,
             name=name, coco=coco, corpus_size=corpus_size, corpus_seed=corpus_seed,
-            projector_mode=projector_mode, projector_value=projector_value, ner=ner, steps=steps, lr=lr,
+            projector_mode=opts.projector_mode, projector_value=opts.projector_value, ner=ner, steps=steps, lr=lr,
             alpha=alpha, visual=visual, beta=beta, value_batch_size=value_batch_size, device=device,
             latent_steps=latent_steps)
     except BaseException:
@@ -475,6 +487,10 @@ def edit(
         raise
     out.print(f"applied [bold]{escape(batch.edit_id)}[/]: {batch.n_edits} facts from {escape(file.name)} "
               f"({method}, layers {list(batch.manifest.layers)}); store {session.folder}", highlight=False)
+    if method == "ours":  # what the null-space projector protects (METHOD.md §3)
+        protected = min(m["protected_energy"] for m in batch.manifest.extra["projectors"].values())
+        out.print(f"projector {opts.projector_mode} {opts.projector_value:g}: at least {protected:.1%} of the "
+                  f"preserved keys' energy outside the edit's reach at every layer", highlight=False)
     if success is None:
         out.print("interrupted before the text-space check; the batch is applied", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)

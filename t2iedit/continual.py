@@ -675,9 +675,11 @@ class PreservedStats:
 
 
 def preserved_stats(editor: ContinualEditor, tokenizer, texts: Sequence[str], layers: Sequence[int], *,
-                    mode: str = "relative", value: float = 1.0e-2, moments: bool = False,
+                    mode: str, value: float, moments: bool = False,
                     cache_dir: str | Path | None = None, batch_size: int = 64) -> PreservedStats:
-    """C0 of the *base* model over ``texts`` and its null-space projector per layer (METHOD.md §2-3).
+    """C0 of the *base* model over ``texts`` and its null-space projector per layer (METHOD.md §2-3),
+    by the rule ``mode``/``value`` (no default: the CLI passes the preset's calibrated one,
+    ``t2iedit.projector.calibrated_rule``, unless told otherwise).
 
     Computed under :meth:`ContinualEditor.at_base` (the projector protects the base model's knowledge,
     whatever batches are applied). With ``cache_dir`` the result is cached as

@@ -277,7 +277,9 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--steps", "-3"], "--steps must be at least 1, got -3"),
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
-    (["--projector-mode", "bogus"], "--projector-mode must be one of"),
+    (["--projector-mode", "bogus", "--projector-value", "0.01"], "--projector-mode must be one of"),
+    (["--projector-mode", "energy"], "--projector-mode and --projector-value go together"),
+    (["--projector-mode", "energy", "--projector-value", "2"], "--projector-value: the energy mode takes a fraction"),
     (["--layers", "0,99"], "--layers: 99 not in 0.."),
     (["--layers", "0,x"], "--layers must be comma-separated integers"),
     (["--method", "nope"], "--method must be one of"),
@@ -385,3 +387,9 @@ def test_the_default_preset_is_the_pretrained_minilm(files, tmp_path):
     assert state.settings["preset"] == "tiny-minilm" and state.base.template == "encoder.layer.{}.output.dense"
     assert state.batches[0].manifest.layers == (0, 1, 2, 3)
     assert state.batches[0].manifest.extra["config"]["values"]["pooling"] == "mean"
+    # the projector: the preset's calibrated rule (as the pipeline's projector stage), not relative 1e-2,
+    # and the output says what it protects (METHOD.md §3)
+    assert state.batches[0].manifest.extra["config"]["projector"] == ["energy", 0.01]
+    protected = min(m["protected_energy"] for m in state.batches[0].manifest.extra["projectors"].values())
+    assert protected >= 0.99
+    assert f"projector energy 0.01: at least {protected:.1%} of the preserved keys' energy" in " ".join(text.split())
