@@ -478,7 +478,7 @@ def edit(
         batch, session, success = _edit(
             file, folder, opts, requests, method=method, source=source, seed=seed,
             name=name, coco=coco, corpus_size=corpus_size, corpus_seed=corpus_seed,
-            projector_mode=opts.projector_mode, projector_value=opts.projector_value, ner=ner, steps=steps, lr=lr,
+            ner=ner, steps=steps, lr=lr,
             alpha=alpha, visual=visual, beta=beta, value_batch_size=value_batch_size, device=device,
             latent_steps=latent_steps)
     except BaseException:
@@ -508,7 +508,7 @@ def _holds_batches(folder: Path) -> bool:
 
 def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest], *, method: str,
           source: Optional[str], seed: int, name: Optional[str], coco: Path, corpus_size: int,
-          corpus_seed: int, projector_mode: str, projector_value: float, ner: str, steps: int, lr: float,
+          corpus_seed: int, ner: str, steps: int, lr: float,
           alpha: float, visual: bool, beta: float, value_batch_size: int, device: Optional[str],
           latent_steps: Optional[int] = None):
     """The model work of ``edit``, after every option and the file were checked."""
@@ -525,8 +525,8 @@ def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest
         with stage(bar, f"preserved keys ({corpus_size} captions) + projector"):
             texts = coco_captions(coco, corpus_size, corpus_seed,
                                   holdout_first=FID_HOLDOUT).column("text").to_pylist()
-            stats = preserved_stats(session.editor, tok, texts, edit_layers, mode=projector_mode,
-                                    value=projector_value, moments=(method == "emcid"),
+            stats = preserved_stats(session.editor, tok, texts, edit_layers, mode=opts.projector_mode,
+                                    value=opts.projector_value, moments=(method == "emcid"),
                                     cache_dir=session.folder / "stats")
         # the loss weights through values.weighted_config (METHOD.md §5): text-only is the paper's form
         # with λ = 0 (text 1, EATA α); --visual the default weighting of λ = 0.01; EMCID has no EATA
@@ -564,7 +564,7 @@ def _edit(file: Path, store: Path, opts: EditOptions, requests: list[EditRequest
                                                  lam=EMCID_LAMBDA)
             config = {"method": method, "values": asdict(cfg), "beta": beta, "layers": list(edit_layers),
                       "value_layer": value_layer, "corpus_size": corpus_size, "corpus_seed": corpus_seed,
-                      "projector": [projector_mode, projector_value], "ner": ner}
+                      "projector": [opts.projector_mode, opts.projector_value], "ner": ner}
             session.persist()  # the store exists from here on (a new one only now)
             batch = session.editor.apply_batch(
                 requests, values.z, tok, layers=edit_layers, value_layer=value_layer,
