@@ -30,7 +30,7 @@ from t2iedit.storage import read_json
 from t2iedit.models import get_preset
 from tasks.fingerprints import fingerprint, item_fingerprint
 from tasks.stamps import prune
-from tasks.evaluate import generate_batch, images_key, merge_index
+from tasks.evaluate import generate_batch, images_key, merge_index, prune_images
 from tasks.model import LOCK_FILE, image_size, locked_model
 from tasks.fid import (METRICS_JSON, inception_weights_file, reference_images, references_sha256,
                        score_fid)
@@ -95,6 +95,10 @@ def fid(params_file: str = PARAMS_FILE) -> Path:
             for out_b, chunk in zip(outs_b, chunks)]
     index = merge_index(INDEX, fp, done)
     prune(BATCHES, keep=done)
+    # images/ is a DVC output (persist: true): only this run's images, as in generate (issue 18 item 4)
+    removed = prune_images(IMAGES, [index])
+    if removed:
+        log.info("fid: pruned %d images of earlier models or settings", len(removed))
     log.info("fid: %d caption images in %d batches (model %s)", len(items), len(chunks), mh[:16])
 
     fp = fingerprint("fid/score", p, inputs=[MODELS_DIR / LOCK_FILE, COCO_CSV, index, weights],

@@ -5,7 +5,8 @@ the locked model (data/models), the edit set (data/processed/datasets/edits.parq
 entities (data/ner/entities.parquet). Edits are optimised ``batch_size`` at a time (one resumable
 item per batch under data/values/batches/); with the visual loss, the unedited model's source-image
 latents are generated once per batch under data/values/latents/ (their fingerprint ignores the loss
-settings, so tuning α or λ reuses them). Writes data/values/values.safetensors (``z``, ``delta``,
+settings, so tuning α or a visual λ reuses them; a text-only run, λ = 0, leaves the folder its index
+alone). Writes data/values/values.safetensors (``z``, ``delta``,
 ``z0``; ``edit_ids``, ``value_layer`` and the config hash in the sidecar — the edit stage's input),
 data/values/values.losses.parquet (per-edit final losses, the weighted terms at the first and last Adam
 step, steps, norms) and data/values/metrics.json (mean losses and ``share.{text,eata,visual}.{first,last}``:
@@ -106,10 +107,11 @@ def values(params_file: str = PARAMS_FILE) -> Path:
                                      unmapped(p.latent_images), unmapped(p.latent_steps),
                                      unmapped(height), unmapped(width))
         latents = [f.result() for f in futures]
-        prune(LATENTS, keep=[*latents, LATENT_INDEX])
-    # the folder always exists (a DVC output) and says which latents this run used; text-only runs
-    # keep earlier latents for a later visual run
+    # The folder is a DVC output (persist: true): it holds this run's latents and their index only, on
+    # text-only runs (λ = 0) the index alone, so its hash in dvc.lock is that of a fresh clone's run of
+    # the same params, whatever ran in this workspace before (a later visual run regenerates them).
     write_json(LATENT_INDEX, {"files": [p.name for p in latents if p is not None]})
+    prune(LATENTS, keep=[*(p for p in latents if p is not None), LATENT_INDEX])
     outs = [BATCHES / f"batch_{i:05d}.safetensors" for i in range(len(batches))]
     items = [as_dicts(b) for b in batches]
     futures = values_batch.map(outs, [item_fingerprint(fp, it) for it in items], unmapped(MODELS_DIR), items,

@@ -187,3 +187,39 @@ def test_clip_score_judge_can_be_the_tiny_offline_one(tmp_path):
     assert Path(src, "config.json").is_file() and judge_id(p.clip_score_model) == "tiny-seed0"
     assert ClipEncoder.from_pretrained(src).encode_texts(["a dog"]).shape[0] == 1
     assert judge_source("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", tmp_path).startswith("laion/")
+
+
+def test_flow_leaves_only_its_own_images(prefect_harness, tmp_path, monkeypatch):
+    """data/eval/fid/images is a ``persist: true`` DVC output: after a run with other sampling settings
+    it holds exactly that run's images — the earlier run's are pruned — so its hash in a dvc.lock is
+    that of a fresh workspace's run, not of the workspace's history (the generate stage's rule,
+    issue 18 item 4). The whole flow runs: tiny model, a random-weight FID Inception, the tiny judge."""
+    import shutil
+
+    from flows.fid import IMAGES, INDEX, fid
+    from tasks.model import lock_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/raw/coco").mkdir(parents=True)
+    shutil.copy(COCO_CSV, tmp_path / "data/raw/coco/coco_30k.csv")
+    lock_model.fn(tmp_path / "data/models/lock.json", "fp", "tiny", 0)
+    n = 3
+    coco = fake_coco(tmp_path / "val2014", F.fid_captions(COCO_CSV, n)["coco_id"])
+    torch.manual_seed(0)
+    torch.save(F.FIDInceptionV3().state_dict(), tmp_path / F.FID_WEIGHTS_FILE)
+
+    def run(guidance: float) -> set[Path]:
+        params = {"fid": {"method": "unedited", "n_captions": n, "coco_images": str(coco),
+                          "inception_weights": str(tmp_path / F.FID_WEIGHTS_FILE), "clip_score_model": "tiny",
+                          "sampling": {"num_inference_steps": 2, "guidance_scale": guidance}}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        fid(params_file="params.yaml")
+        files = {p.resolve() for p in IMAGES.rglob("*") if p.is_file()}
+        listed = {(IMAGES / p).resolve() for p in read_index(INDEX).column("path").to_pylist()}
+        assert files == listed and len(files) == n  # this run's images, nothing else
+        return files
+
+    first = run(7.5)
+    second = run(3.0)
+    assert not first & second  # other settings, other images: the first run's are gone
+    assert not [d for d in IMAGES.rglob("*") if d.is_dir() and not any(d.iterdir())]  # no empty folders

@@ -1,11 +1,13 @@
 """Tasks of the ner and values stages through ``.fn`` on the tiny model: outputs, stamps (resume),
-and the contract with the edit stage (``tasks.edit.aligned_targets`` reads our values file)."""
+and the contract with the edit stage (``tasks.edit.aligned_targets`` reads our values file); the values
+flow's latents folder (a DVC output) after a history of runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from t2iedit.edit_data import load_benchmark, subset
@@ -169,3 +171,39 @@ def test_step_progress_inside_a_task_run(prefect_harness):
 
     arts = [a for a in asyncio.run(read()) if str(a.id) == artifact_id]
     assert arts and arts[0].type == "progress" and float(arts[0].data) == 100.0
+
+
+def test_values_flow_latents_folder_is_that_of_a_fresh_run(prefect_harness, tmp_path, monkeypatch):
+    """data/values/latents is a ``persist: true`` DVC output: after a text-only run (λ = 0) that
+    follows a visual one it holds what a fresh workspace's text-only run leaves (the index, naming no
+    latents), not the earlier run's latents — else its hash in dvc.lock depends on the history."""
+    from flows.values import LATENTS, LATENT_INDEX, values
+    from t2iedit.storage import read_json
+    from tasks.model import lock_model
+    from tasks.ner import extract_entities
+    from test_methods_compare import _tiny_dataset
+
+    visual = {"steps": 1, "batch_size": 1, "latent_steps": 2}
+    text_only = {**visual, "weighting": "paper", "lambda_visual": 0.0}
+
+    def workspace(root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(root)
+        _tiny_dataset(root)
+        lock_model.fn(root / "data/models/lock.json", "fp", "tiny", 0)
+        extract_entities.fn(root / "data/ner/entities.parquet", "fp",
+                            root / "data/processed/datasets/edits.parquet", "heuristic", "", None, "simple", 0.0)
+
+    def run(section: dict) -> dict[str, bytes]:
+        Path("params.yaml").write_text(yaml.safe_dump({"values": section}))
+        values(params_file="params.yaml")
+        return {str(p.relative_to(LATENTS)): p.read_bytes() for p in sorted(LATENTS.rglob("*")) if p.is_file()}
+
+    workspace(tmp_path / "history")
+    first = run(visual)
+    assert sorted(n for n in first if n.endswith(".safetensors")) == ["batch_00000.safetensors",
+                                                                      "batch_00001.safetensors"]
+    after = run(text_only)
+    assert read_json(LATENT_INDEX) == {"files": []}
+    workspace(tmp_path / "fresh")
+    assert after == run(text_only)  # same files, same bytes
