@@ -33,12 +33,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_data (also when loaded by path)
 
 from t2iedit.generate import SamplingConfig, generate_images, initial_latents  # noqa: E402
 from t2iedit.keys import collect_second_moment  # noqa: E402
 from t2iedit.models import (DTYPES, TextEncoderAdapter, build_sd14_pipeline, build_tiny_pipeline,  # noqa: E402
                             load_pipeline)
 from t2iedit.storage import write_json  # noqa: E402
+from bench_data import cake_requests  # noqa: E402
 
 COCO = ROOT / "data" / "raw" / "coco" / "coco_30k.csv"
 CAKE = ROOT / "data" / "raw" / "CAKE" / "CAKE.json"
@@ -130,23 +132,11 @@ def bench_generation(pipe, s: dict, device: torch.device, scratch: Path) -> dict
     return res
 
 
-def cake_requests(n: int):
-    from t2iedit.ner import dataset_entities
-    from t2iedit.prompts import EditRequest
-
-    rows = json.loads(CAKE.read_text(encoding="utf-8"))["single_edit"]
-    rows = [rows[i % len(rows)] for i in range(n)]
-    ids = [f"e{i:03d}" for i in range(n)]
-    srcs = [r["edit_prompt"].format(r["entity"]) for r in rows]
-    spans = {e.edit_id: ((e.start, e.end),) for e in dataset_entities(ids, srcs, [r["entity"] for r in rows])}
-    return [EditRequest(i, src, r["target"], spans[i]) for i, src, r in zip(ids, srcs, rows)]
-
-
 def bench_values(pipe, s: dict, device: torch.device, value_layer: int) -> dict:
     from t2iedit.values import (VisualInputs, compute_target_values, compute_target_values_batched,
                                 ddpm_scheduler_for, generate_source_latents, weighted_config)
 
-    reqs = cake_requests(s["edits"])
+    reqs = cake_requests(CAKE, s["edits"])
     pipe.to(device=device, dtype=torch.float32)  # value optimisation: the text encoder stays float32
     lat = generate_source_latents(pipe, [r.edit_id for r in reqs], [r.source for r in reqs], 0, 1,
                                   num_inference_steps=min(s["steps"], 10), height=s["side"],

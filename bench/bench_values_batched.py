@@ -40,9 +40,10 @@ import torch
 from t2iedit import values
 from t2iedit.storage import write_json
 from t2iedit.models import TINY_CONFIG, TextEncoderAdapter, get_preset, load_tokenizer
-from t2iedit.ner import dataset_entities
 from t2iedit.prompts import EditRequest
 from t2iedit.values import ValueConfig, compute_target_values, compute_target_values_batched, prepare_rows
+
+from bench_data import cake_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 CAKE = ROOT.parent / "shared" / "data" / "CAKE" / "CAKE.json"
@@ -67,17 +68,6 @@ def build_encoder(name: str, seed: int = 0):
                                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                                          **ENCODERS[name]))
     return model.eval()
-
-
-def cake_requests(n: int) -> list[EditRequest]:
-    import json
-
-    rows = json.loads(CAKE.read_text(encoding="utf-8"))["single_edit"]
-    rows = [rows[i % len(rows)] for i in range(n)]
-    ids = [f"e{i:03d}" for i in range(n)]
-    srcs = [r["edit_prompt"].format(r["entity"]) for r in rows]
-    spans = {e.edit_id: ((e.start, e.end),) for e in dataset_entities(ids, srcs, [r["entity"] for r in rows])}
-    return [EditRequest(i, s, r["target"], spans[i]) for i, s, r in zip(ids, srcs, rows)]
 
 
 @contextlib.contextmanager
@@ -144,7 +134,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    reqs = cake_requests(args.edits)
+    reqs = cake_requests(CAKE, args.edits)
     rows = [time_one(name, reqs, args.steps, t, args.reference) for name in args.encoders for t in args.threads]
     write_json(args.out, {"results": rows, "machine": {
         "cpu_count": os.cpu_count(), "torch": torch.__version__,
