@@ -107,7 +107,8 @@ def compare(params_file: str = PARAMS_FILE, out_dir: str = str(OUT)) -> Path:
     for name in p.method_params:
         if name not in p.methods:
             raise ValueError(f"compare.method_params has {name!r}, which is not in compare.methods")
-    configs = {name: build_config(get_method(name), p.method_params.get(name)) for name in p.methods}
+    for name in p.methods:  # every method's params validated before any work
+        build_config(get_method(name), p.method_params.get(name))
     model = locked_model(MODELS_DIR)
     model_id = {"model": model.identity}
 

@@ -55,7 +55,6 @@ if _IMPORTING:
     signal.signal(signal.SIGINT, _interrupted_while_importing)
 
 import contextlib  # noqa: E402
-import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402

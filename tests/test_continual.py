@@ -14,7 +14,7 @@ import torch
 
 from t2iedit.continual import (BaseModelMismatch, ContinualEditor, ContinualState, StoreError,
                                base_model_of, preserved_stats)
-from t2iedit.edit import EditArtifact, apply_edit
+from t2iedit.edit import EditArtifact
 from t2iedit.storage import read_json
 from t2iedit.keys import compute_hidden
 from t2iedit.models import TextEncoderAdapter, load_text_encoder

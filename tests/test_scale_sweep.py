@@ -4,7 +4,6 @@ scripts/scale_sweep.sh runs real `dvc exp run --temp` experiments on a toy stage
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
