@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from t2iedit.edit_data import load_benchmark, subset
 from t2iedit.storage import load_meta, load_tensors, read_parquet, write_json, write_parquet
