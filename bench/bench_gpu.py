@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
     ap.add_argument("--parts", default="generation,values,statistics")
     a = ap.parse_args(argv)
+    unknown = set(a.parts.split(",")) - {"generation", "values", "statistics"}
+    if unknown:
+        ap.error(f"--parts: unknown {sorted(unknown)} (generation, values, statistics)")
     s = TOY if a.toy else FULL
     device = torch.device("cuda" if torch.cuda.is_available() and not a.toy else "cpu")
     if device.type == "cpu":
@@ -203,16 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
             pipe, value_layer = load_pipeline(build_tiny_pipeline(Path(tmp) / "tiny")), 4
         else:
             pipe, value_layer = build_sd14_pipeline(None, seed=0, device=device), 10
-        parts = a.parts.split(",")
-        if "generation" in parts:
-            result["generation"] = bench_generation(pipe, s, device, Path(tmp) / "images")
-            print(json.dumps(result["generation"]), flush=True)
-        if "values" in parts:
-            result["values"] = bench_values(pipe, s, device, value_layer)
-            print(json.dumps(result["values"]), flush=True)
-        if "statistics" in parts:
-            result["statistics"] = bench_statistics(pipe, s, device)
-            print(json.dumps(result["statistics"]), flush=True)
+        benches = {"generation": lambda: bench_generation(pipe, s, device, Path(tmp) / "images"),
+                   "values": lambda: bench_values(pipe, s, device, value_layer),
+                   "statistics": lambda: bench_statistics(pipe, s, device)}
+        for part in a.parts.split(","):
+            result[part] = benches[part]()
+            print(json.dumps(result[part]), flush=True)
+            # written after each part: a run stopped at the device's time limit keeps what it measured
+            write_json(a.out, {**result, "finished": False, "wall_s": time.perf_counter() - start})
+    result["finished"] = True
     result["wall_s"] = time.perf_counter() - start
     write_json(a.out, result)
     print(f"wrote {a.out} in {result['wall_s']:.0f} s")
