@@ -182,15 +182,18 @@ def bench_statistics(pipe, s: dict, device: torch.device) -> dict:
             "tokens_per_s": n_tokens / dt, "peak_gib": peak_gib(device)}
 
 
+PARTS = ("generation", "values", "statistics")  # what --parts picks from, in this order by default
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="CPU toy scale: the tiny pipeline, a few images and steps")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu.json"))
-    ap.add_argument("--parts", default="generation,values,statistics")
+    ap.add_argument("--parts", default=",".join(PARTS))
     a = ap.parse_args(argv)
-    unknown = set(a.parts.split(",")) - {"generation", "values", "statistics"}
+    unknown = set(a.parts.split(",")) - set(PARTS)
     if unknown:
-        ap.error(f"--parts: unknown {sorted(unknown)} (generation, values, statistics)")
+        ap.error(f"--parts: unknown {sorted(unknown)} ({', '.join(PARTS)})")
     s = TOY if a.toy else FULL
     device = torch.device("cuda" if torch.cuda.is_available() and not a.toy else "cpu")
     if device.type == "cpu":

@@ -18,6 +18,5 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/nvidia-smi.csv" || true
 python3 -c "import diffusers, transformers, torch; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-set -o pipefail
 timeout "${BENCH_TIMEOUT_S:-560}" python3 bench/bench_gpu.py --out "$out/gpu.json" \
     --parts "${BENCH_PARTS:-generation,values,statistics}" ${BENCH_ARGS:-} 2>&1 | tee "$out/gpu.log"
